@@ -1,0 +1,272 @@
+"""The engine: one loop that owns the model and runs every request together, step by step.
+
+``step()`` reads like a table of contents: take new requests, schedule, make adapters resident (inside the
+scheduler's admission), run the model once over the flattened batch, sample, and post-process (detokenize, stop,
+stream, free finished rows).
+"""
+
+import asyncio
+import itertools
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
+
+from server.engine.detokenizer import IncrementalDetokenizer, StopChecker
+from server.engine.handle import RequestHandle, RequestOutput
+from server.engine.model_runner import ModelRunner, SequenceChunk
+from server.engine.request import FinishReason, Sequence
+from server.engine.sampling import RowSampler, SamplingParams, sample
+from server.engine.scheduler import Scheduler
+from server.engine.stats import EngineStats
+from server.lora.prefetch import AdapterPrefetcher
+from server.lora.slot_cache import SlotCache
+from server.model.lora_model import LoraModel
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int = 32  # running sequences (KV cache rows)
+    max_seq_len: int = 2048  # prompt + generated tokens of one sequence
+    max_tokens_per_step: int = 2048  # token budget of one forward pass (prompt chunks + decode tokens)
+    cpu_slots: int = 64  # host copies of adapters kept behind the accelerator slots
+    starvation_steps: int = 32  # steps the oldest waiting request may be passed over before it gets priority
+
+
+class RequestError(ValueError):
+    """A request the engine cannot take (too long, unknown adapter); the message is for the client."""
+
+
+@dataclass(eq=False)
+class _Live:
+    """Per-request post-processing state, owned by the engine thread."""
+
+    seq: Sequence
+    handle: RequestHandle
+    sampler: RowSampler
+    detokenizer: IncrementalDetokenizer
+    stop: StopChecker
+    emitted: int = 0  # characters of text already streamed
+
+
+class Engine:
+    def __init__(
+        self,
+        model: LoraModel,
+        tokenizer: PreTrainedTokenizerBase,
+        adapter_path: Callable[[str], Path],
+        config: EngineConfig | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config = config if config is not None else EngineConfig()
+        self.adapter_path = adapter_path
+        self.runner = ModelRunner(model, config.max_batch_size, config.max_seq_len)
+        self.prefetcher: AdapterPrefetcher = AdapterPrefetcher(lambda name: model.read_adapter(adapter_path(name)))
+        self.slot_cache: SlotCache = SlotCache(model.num_slots, config.cpu_slots, self.prefetcher, model)
+        self.scheduler = Scheduler(
+            config.max_batch_size,
+            max(config.max_tokens_per_step, config.max_batch_size),
+            self.slot_cache,
+            self.prefetcher,
+            config.starvation_steps,
+        )
+        self.stats = EngineStats()
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self._live: dict[str, _Live] = {}
+        self._inbox: list[_Live] = []
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._ids = itertools.count()
+
+    # ---- submission (any thread) -------------------------------------------------------------------------------
+    def submit(
+        self,
+        prompt_ids: Seq[int],
+        adapter: str | None = None,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> RequestHandle:
+        """Queue a request; its outputs stream through the returned handle (async when ``loop`` is given)."""
+        params = params if params is not None else SamplingParams()
+        if not prompt_ids:
+            raise RequestError("the prompt is empty")
+        total = len(prompt_ids) + params.max_new_tokens
+        if total > self.config.max_seq_len:
+            raise RequestError(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} exceeds "
+                f"the maximum sequence length {self.config.max_seq_len}"
+            )
+        vocab = self.runner.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise RequestError(f"prompt token ids must be in [0, {vocab})")
+        if adapter is not None:
+            try:
+                self.adapter_path(adapter)
+            except KeyError:
+                raise RequestError(f"unknown adapter {adapter!r}") from None
+        rid = request_id or f"req-{uuid.uuid4().hex[:12]}-{next(self._ids)}"
+        seq = Sequence(rid, adapter, list(prompt_ids), params, arrival=time.monotonic())
+        live = _Live(
+            seq,
+            RequestHandle(seq, loop),
+            RowSampler(params),
+            IncrementalDetokenizer(self.tokenizer, prompt_ids),
+            StopChecker(params.stop),
+        )
+        with self._wake:
+            self._inbox.append(live)
+            self._wake.notify()
+        return live.handle
+
+    # ---- the step (engine thread) ------------------------------------------------------------------------------
+    def step(self) -> int:
+        """Run one engine iteration; returns the number of tokens processed (0 when idle)."""
+        self._take_inbox()
+        plan = self.scheduler.schedule()
+        for seq in plan.aborted:
+            self._finish_aborted(seq)
+        self.stats.record_step(len(plan.scheduled), plan.num_tokens, self.scheduler.num_waiting)
+        if not plan.scheduled:
+            return 0
+        chunks = []
+        for item in plan.scheduled:
+            seq = item.seq
+            end = seq.num_computed + item.num_tokens
+            chunks.append(
+                SequenceChunk(seq.row, seq.slot, seq.token_slice(seq.num_computed, end), seq.num_computed,
+                              needs_logits=end == seq.num_tokens)
+            )  # fmt: skip
+        try:
+            logits = self.runner.run(chunks)
+        except Exception as exc:  # noqa: BLE001 - fail this batch's requests, keep serving
+            for item in plan.scheduled:
+                self._finish(self._live[item.seq.request_id], FinishReason.ERROR, error=f"model error: {exc}")
+            return 0
+        needing = [item.seq for item, chunk in zip(plan.scheduled, chunks, strict=True) if chunk.needs_logits]
+        tokens = sample(logits, [self._live[s.request_id].sampler for s in needing])
+        for item in plan.scheduled:
+            item.seq.num_computed += item.num_tokens
+        for seq, token in zip(needing, tokens, strict=True):
+            self._append_token(self._live[seq.request_id], token)
+        return plan.num_tokens
+
+    def has_work(self) -> bool:
+        with self._wake:
+            return bool(self._inbox) or self.scheduler.has_work()
+
+    def _take_inbox(self) -> None:
+        with self._wake:
+            new, self._inbox = self._inbox, []
+        for live in new:
+            self._live[live.seq.request_id] = live
+            self.scheduler.add(live.seq)
+
+    def _append_token(self, live: _Live, token: int) -> None:
+        seq = live.seq
+        now = time.monotonic()
+        if not seq.output_ids:
+            seq.first_token_at = now
+        seq.output_ids.append(token)
+        live.detokenizer.add(token)
+        text = live.detokenizer.text
+        reason: FinishReason | None = None
+        stop_at = live.stop.check(text, live.emitted - live.stop.max_len + 1) if live.stop.stops else None
+        if stop_at is not None:
+            reason, text = FinishReason.STOP, text[:stop_at]
+        elif token in self.eos_ids and not seq.params.ignore_eos:
+            reason = FinishReason.EOS
+        elif len(seq.output_ids) >= seq.params.max_new_tokens:
+            reason = FinishReason.LENGTH
+        if reason is None:
+            safe = len(text) - live.stop.holdback(text)
+            delta, live.emitted = text[live.emitted : safe], max(live.emitted, safe)
+            live.handle._push(RequestOutput(seq.request_id, (token,), delta))
+            return
+        if reason is not FinishReason.STOP:
+            live.detokenizer.flush()
+            text = live.detokenizer.text
+        self._finish(live, reason, last_token=token, final_text=text)
+
+    def _finish(
+        self,
+        live: _Live,
+        reason: FinishReason,
+        last_token: int | None = None,
+        final_text: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        seq = live.seq
+        self.scheduler.finish(seq, reason, error)
+        text = final_text if final_text is not None else live.detokenizer.text
+        delta = text[live.emitted :] if len(text) > live.emitted else ""
+        live.emitted = len(text)
+        self._live.pop(seq.request_id, None)
+        self.stats.record_finish(seq)
+        live.handle._push(
+            RequestOutput(
+                seq.request_id,
+                (last_token,) if last_token is not None else (),
+                delta,
+                finished=True,
+                finish_reason=reason,
+                prompt_tokens=len(seq.prompt_ids),
+                completion_tokens=len(seq.output_ids),
+                error=error,
+            )
+        )
+
+    def _finish_aborted(self, seq: Sequence) -> None:
+        live = self._live.get(seq.request_id)
+        if live is not None:
+            assert seq.finish_reason is not None
+            self._finish(live, seq.finish_reason, error=seq.error)
+
+    # ---- the loop (a background thread) ------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self.prefetcher.close()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self._inbox and not self.scheduler.has_work():
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            if self.step() == 0 and self.scheduler.has_work():
+                time.sleep(0.001)  # everything waits on an adapter read: do not spin
+
+
+def _eos_ids(model: LoraModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    ids: set[int] = set()
+    gen = getattr(model.model, "generation_config", None)
+    for source in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(int(i) for i in source)
+    return frozenset(ids)

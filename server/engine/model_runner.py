@@ -1,0 +1,131 @@
+"""The model runner: the only code that turns scheduled sequences into tensors and runs the model."""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from server.engine.attention import AttentionContext, AttentionMetadata, PrefillSegment, install
+from server.engine.kv_cache import KVCache
+from server.lora.mapping import TokenSlotMapping
+from server.model.lora_model import LoraModel
+
+
+@dataclass(frozen=True)
+class SequenceChunk:
+    """One sequence's share of a step: ``token_ids`` at positions ``start..``, KV ``row``, LoRA ``slot``."""
+
+    row: int
+    slot: int
+    token_ids: Sequence[int]
+    start: int
+    needs_logits: bool  # False for a prompt chunk that does not reach the end of the prompt
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.token_ids)
+
+
+class ModelRunner:
+    """Owns the KV cache and runs one flattened forward pass per step over many sequences and adapters."""
+
+    def __init__(self, lora_model: LoraModel, max_rows: int, max_len: int) -> None:
+        self.lora_model = lora_model
+        self.model = lora_model.model
+        self.device = lora_model.device
+        self.cache = KVCache.for_model(self.model.config, max_rows, max_len, lora_model.dtype, self.device)
+        self.attention = AttentionContext(self.cache)
+        install(self.model, self.attention)
+        # A prepared 4D mask makes transformers skip building its own; our attention ignores it.
+        self._skip_mask = torch.zeros((1, 1, 1, 1), dtype=torch.bool, device=self.device)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
+
+    @torch.inference_mode()
+    def run(self, chunks: Sequence[SequenceChunk]) -> torch.Tensor:
+        """Forward all chunks at once; logits [N, vocab] float32 for the chunks with ``needs_logits``, in order."""
+        if not chunks:
+            raise ValueError("nothing to run")
+        # Lay tokens out grouped by LoRA slot so every adapter's tokens form one run (no gather in the LoRA op).
+        order = sorted(range(len(chunks)), key=lambda i: chunks[i].slot)
+        ids: list[int] = []
+        positions: list[int] = []
+        rows: list[int] = []
+        slots: list[int] = []
+        prefills: list[PrefillSegment] = []
+        decodes: list[tuple[int, int, int]] = []  # (row, flattened index, context length)
+        keep: list[tuple[int, int]] = []  # (chunk index, flattened index of its last token)
+        for i in order:
+            c = chunks[i]
+            if c.end > self.cache.max_len:
+                raise ValueError(f"sequence needs {c.end} positions; the KV cache holds {self.cache.max_len}")
+            first = len(ids)
+            ids.extend(c.token_ids)
+            positions.extend(range(c.start, c.end))
+            rows.extend([c.row] * len(c.token_ids))
+            slots.extend([c.slot] * len(c.token_ids))
+            if len(c.token_ids) == 1:
+                decodes.append((c.row, first, c.end))
+            else:
+                prefills.append(PrefillSegment(first, len(ids), c.row, c.end))
+            if c.needs_logits:
+                keep.append((i, len(ids) - 1))
+
+        self.attention.metadata = self._metadata(rows, positions, prefills, decodes)
+        device = self.device
+        input_ids = torch.tensor([ids], dtype=torch.int64, device=device)
+        position_ids = torch.tensor([positions], dtype=torch.int64, device=device)
+        keep.sort()
+        keep_index = torch.tensor([t for _, t in keep], dtype=torch.int64, device=device)
+        mapping = TokenSlotMapping.build(slots, device)
+        try:
+            with self.lora_model.using(mapping):
+                out = self.model(
+                    input_ids=input_ids,
+                    position_ids=position_ids,
+                    attention_mask=self._skip_mask,
+                    logits_to_keep=keep_index,
+                    use_cache=False,
+                )
+        finally:
+            self.attention.metadata = None
+        return out.logits[0].float()  # [N, vocab], chunk order because ``keep`` was sorted by chunk index
+
+    def _metadata(
+        self,
+        rows: list[int],
+        positions: list[int],
+        prefills: list[PrefillSegment],
+        decodes: list[tuple[int, int, int]],
+    ) -> AttentionMetadata:
+        device = self.device
+        empty = torch.empty(0, dtype=torch.int64, device=device)
+        decode_mask = None
+        base = count = 0
+        decode_index = decode_rows = empty
+        if decodes:
+            decodes.sort()
+            base = decodes[0][0]
+            count = decodes[-1][0] - base + 1
+            length = max(ctx for _, _, ctx in decodes)
+            contexts = [1] * count  # window rows without a decode token see key 0 only: finite, then discarded
+            for row, _, ctx in decodes:
+                contexts[row - base] = ctx
+            ctx_t = torch.tensor(contexts, dtype=torch.int64, device=device)
+            decode_mask = (torch.arange(length, device=device).unsqueeze(0) < ctx_t.unsqueeze(1)).view(
+                count, 1, 1, length
+            )
+            decode_index = torch.tensor([t for _, t, _ in decodes], dtype=torch.int64, device=device)
+            decode_rows = torch.tensor([row - base for row, _, _ in decodes], dtype=torch.int64, device=device)
+        return AttentionMetadata(
+            rows=torch.tensor(rows, dtype=torch.int64, device=device),
+            positions=torch.tensor(positions, dtype=torch.int64, device=device),
+            prefills=tuple(prefills),
+            decode_index=decode_index,
+            decode_rows=decode_rows,
+            decode_row_base=base,
+            decode_row_count=count,
+            decode_mask=decode_mask,
+        )

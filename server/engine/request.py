@@ -1,0 +1,64 @@
+"""A generation request as the engine tracks it (torch-free)."""
+
+import enum
+from dataclasses import dataclass, field
+
+from server.engine.sampling import SamplingParams
+
+
+class FinishReason(enum.StrEnum):
+    LENGTH = "length"  # max_new_tokens reached
+    STOP = "stop"  # a stop string appeared
+    EOS = "eos"  # the model produced an end-of-sequence token
+    CANCELLED = "cancelled"  # the client went away or cancelled
+    ERROR = "error"  # the request could not be served (e.g. its adapter failed to load)
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's state. ``num_computed`` tokens of ``prompt_ids + output_ids`` have their K/V in the cache."""
+
+    request_id: str
+    adapter: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival: float
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    row: int | None = None  # KV cache row while running
+    slot: int | None = None  # LoRA slot while running (BASE_SLOT for the base model)
+    status: Status = Status.WAITING
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    cancelled: bool = False
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def max_tokens(self) -> int:
+        """Positions this request can ever need: prompt plus every token it may generate."""
+        return len(self.prompt_ids) + self.params.max_new_tokens
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_computed < len(self.prompt_ids)
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """Tokens ``start..end`` of prompt + output, without building the concatenation."""
+        n = len(self.prompt_ids)
+        if end <= n:
+            return self.prompt_ids[start:end]
+        if start >= n:
+            return self.output_ids[start - n : end - n]
+        return self.prompt_ids[start:] + self.output_ids[: end - n]

@@ -1,0 +1,123 @@
+"""Per-request sampling parameters and the batched sampler (greedy, temperature, top-k, top-p, seeded draws).
+
+Filtering follows Hugging Face's warper order and edge cases: temperature, then ``TopKLogitsWarper`` (ties at the
+k-th value are kept), then ``TopPLogitsWarper`` (keep the smallest most-probable set whose mass reaches ``top_p``,
+always at least one token).
+"""
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+MAX_STOP_STRINGS = 4
+_SEED_LIMIT = 2**63
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its tokens. ``temperature == 0`` means greedy (top-k/top-p/seed are then unused)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0  # (0, 1]; 1 = off
+    top_k: int = 0  # 0 = off
+    seed: int | None = None  # None = a fresh random seed per request
+    stop: tuple[str, ...] = ()  # at most MAX_STOP_STRINGS non-empty strings
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        # A list is a natural thing to pass; store a tuple so the params stay hashable and immutable.
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:  # also rejects NaN
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed < _SEED_LIMIT:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop accepts at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class RowSampler:
+    """Sampling state of one request: its own torch.Generator seeded from `seed` (or from os.urandom when None), so a
+    seeded request gives the same tokens whatever else is in the batch and whatever its position in it.
+
+    The generator is created on the logits' device at the first draw (a CUDA draw needs a CUDA generator); the same
+    seed gives different streams on CPU and CUDA, but always the same stream on one device.
+    """
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        # Without a seed we still fix one now, so the request's whole stream comes from a single generator.
+        self.seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        self._generator: torch.Generator | None = None
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        if self._generator is None:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self.seed)
+        assert self._generator.device == device, "a request's generator cannot move between devices"
+        return self._generator
+
+
+def filter_top_k_top_p(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """``TopPLogitsWarper(top_p[i])(TopKLogitsWarper(top_k[i])(scores[i]))`` for every row i; removed -> -inf.
+
+    scores: [M, V] float32 (already divided by temperature)    top_k: [M] int64, 0 = off    top_p: [M] float32 in (0, 1]
+    returns [M, V] float32, same device.
+    """
+    vocab = scores.shape[-1]
+    # One stable descending sort serves both filters; stable so tie order never depends on the batch.
+    sorted_desc, order = torch.sort(scores, dim=-1, descending=True, stable=True)  # [M, V]
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)  # [M]
+    kth = sorted_desc.gather(1, (k - 1).unsqueeze(1))  # [M, 1]
+    sorted_desc = sorted_desc.masked_fill(sorted_desc < kth, -math.inf)  # ties with the k-th value survive
+    # Top-p on the ascending order, exactly as HF computes it, so float rounding at the boundary agrees.
+    ascending = sorted_desc.flip(-1)
+    cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)  # [M, V]
+    remove = cumulative <= (1 - top_p).unsqueeze(1)
+    remove[:, -1] = False  # the most probable token always stays
+    remove_desc = remove.flip(-1) | sorted_desc.isneginf()
+    return scores.masked_fill(remove_desc.scatter(1, order, remove_desc), -math.inf)
+
+
+def sample(logits: torch.Tensor, samplers: Sequence[RowSampler]) -> list[int]:
+    """logits [N, V] float (one row per request that needs a token this step) -> one token id per row.
+
+    Greedy rows: argmax (all greedy rows done in one batched argmax). Other rows: logits / temperature, then top-k,
+    then top-p, then one torch.multinomial draw with the row's own generator, so a seeded row's tokens do not depend
+    on its neighbours. Computed in float32 whatever the input dtype; a single device->host transfer at the end.
+    """
+    assert logits.dim() == 2 and logits.shape[0] == len(samplers), "one logits row per sampler"
+    if not samplers:
+        return []
+    logits = logits.float()
+    tokens = logits.argmax(dim=-1)  # [N]; the answer for greedy rows, overwritten for the others
+    rows = [i for i, s in enumerate(samplers) if not s.params.greedy]
+    if rows:
+        device = logits.device
+        params = [samplers[i].params for i in rows]
+        row_index = torch.tensor(rows, device=device)  # [M]
+        temperature = torch.tensor([p.temperature for p in params], device=device)  # [M]
+        scores = logits[row_index] / temperature.unsqueeze(1)  # [M, V]
+        if any(p.top_k > 0 or p.top_p < 1 for p in params):  # skip the sort when no row filters
+            top_k = torch.tensor([p.top_k for p in params], device=device)
+            top_p = torch.tensor([p.top_p for p in params], device=device, dtype=torch.float32)
+            scores = filter_top_k_top_p(scores, top_k, top_p)
+        probs = scores.softmax(dim=-1)  # [M, V]
+        draws = [torch.multinomial(probs[j], 1, generator=samplers[i].generator(device)) for j, i in enumerate(rows)]
+        tokens[row_index] = torch.cat(draws)
+    return tokens.tolist()

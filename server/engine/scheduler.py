@@ -1,0 +1,163 @@
+"""Adapter-aware continuous-batching scheduler (torch-free).
+
+Every step: running sequences keep their place (one decode token each, or their next prompt chunk), then waiting
+sequences are admitted in arrival order while a KV row, token budget and an adapter slot are available. A waiting
+sequence whose adapter is still being read from disk is skipped (the read runs on a worker thread) so it never
+blocks others; when the oldest waiting sequence has been passed over for ``starvation_steps`` steps, nothing else
+is admitted until it is, whatever the adapter popularity.
+"""
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from server.engine.request import FinishReason, Sequence, Status
+from server.lora.errors import NoFreeSlotError
+from server.lora.prefetch import AdapterPrefetcher
+from server.lora.slot_cache import SlotCache
+from server.lora.slots import BASE_SLOT
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    seq: Sequence
+    num_tokens: int  # new tokens this step: a prompt chunk, or 1 when decoding
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    aborted: list[Sequence] = field(default_factory=list)  # finished this step without running (cancelled, failed)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        max_rows: int,
+        max_tokens_per_step: int,
+        slots: SlotCache,
+        prefetcher: AdapterPrefetcher,
+        starvation_steps: int = 32,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_tokens_per_step < max_rows:
+            raise ValueError("max_tokens_per_step must be at least max_rows so every running row can decode")
+        self.max_rows = max_rows
+        self.max_tokens_per_step = max_tokens_per_step
+        self.slots = slots
+        self.prefetcher = prefetcher
+        self.starvation_steps = starvation_steps
+        self.clock = clock
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._free_rows = list(range(max_rows - 1, -1, -1))  # pop() hands out the lowest row first
+        self._head: Sequence | None = None
+        self._head_passed_over = 0
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        self._drop_cancelled(out)
+        budget = self.max_tokens_per_step
+        for seq in self.running:
+            n = min(len(seq.prompt_ids) - seq.num_computed, budget) if seq.in_prefill else 1
+            if n > 0:
+                out.scheduled.append(ScheduledSeq(seq, n))
+                budget -= n
+        self._admit(out, budget)
+        return out
+
+    def finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
+        """Mark ``seq`` finished and give back its KV row and adapter pin."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+            self._release(seq)
+        elif seq.status is Status.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        seq.error = error
+        seq.finished_at = self.clock()
+
+    def _release(self, seq: Sequence) -> None:
+        assert seq.row is not None
+        self._free_rows.append(seq.row)
+        self._free_rows.sort(reverse=True)
+        if seq.adapter is not None and seq.slot is not None:
+            self.slots.release(seq.adapter, seq.slot)
+        seq.row = None
+        seq.slot = None
+
+    def _drop_cancelled(self, out: SchedulerOutput) -> None:
+        for seq in [s for s in self.running if s.cancelled] + [s for s in self.waiting if s.cancelled]:
+            self.finish(seq, FinishReason.CANCELLED)
+            out.aborted.append(seq)
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        head = self.waiting[0] if self.waiting else None
+        if head is not self._head:
+            self._head, self._head_passed_over = head, 0
+        reserved = self._head_passed_over >= self.starvation_steps
+        for seq in list(self.waiting):
+            if not self._free_rows or budget <= 0:
+                break
+            slot = self._adapter_slot(seq, out)
+            if slot is None:
+                if reserved:
+                    break  # the starving head keeps every resource that frees up
+                continue
+            self.waiting.remove(seq)
+            seq.row = self._free_rows.pop()
+            seq.slot = slot
+            seq.status = Status.RUNNING
+            seq.admitted_at = self.clock()
+            self.running.append(seq)
+            n = min(len(seq.prompt_ids), budget)
+            out.scheduled.append(ScheduledSeq(seq, n))
+            budget -= n
+            if reserved:
+                break
+        if self.waiting and self.waiting[0] is head:
+            self._head_passed_over += 1
+
+    def _adapter_slot(self, seq: Sequence, out: SchedulerOutput) -> int | None:
+        """The slot ``seq`` runs in, pinned; None when it must wait (adapter loading or every slot pinned)."""
+        name = seq.adapter
+        if name is None:
+            return BASE_SLOT
+        if self.slots.tier(name) == "disk":
+            state = self.prefetcher.state(name)
+            if state == "failed":
+                error = self.prefetcher.error(name)
+                self.finish(seq, FinishReason.ERROR, f"adapter {name!r} failed to load: {error}")
+                out.aborted.append(seq)
+                return None
+            if state != "ready":
+                self.prefetcher.request(name)
+                return None
+        try:
+            return self.slots.acquire(name)
+        except NoFreeSlotError:
+            return None
+        except Exception as exc:  # noqa: BLE001 - a bad adapter fails its own requests, never the loop
+            self.finish(seq, FinishReason.ERROR, f"adapter {name!r} failed to load: {exc}")
+            out.aborted.append(seq)
+            return None

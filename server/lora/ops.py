@@ -1,0 +1,106 @@
+"""The batched LoRA add, ``y[t] += scale[s] * (x[t] @ A[s].T) @ B[s]`` with ``s = slot of token t``.
+
+Two implementations with identical semantics; one is chosen once at startup (``select_op``):
+
+- ``lora_add_reference``: gathers every token's weights and multiplies them. Obviously right, slow and memory-hungry
+  (``T x R x in`` floats); it is the yardstick every fast op is tested against.
+- ``lora_add_grouped``: tokens are grouped by slot once per step (``TokenSlotMapping``), gathered into slot order,
+  and each slot's segment gets two small dense matmuls sliced to that slot's true rank. This is the SGMV layout of
+  Punica/LoRAX written with torch matmuls, which is what wins on CPU.
+
+Layouts (per wrapped linear layer, ``S`` adapter slots plus ``BASE_SLOT`` 0, max rank ``R``):
+    A:      [S+1, R, in]   rows past an adapter's rank are zero
+    B:      [S+1, R, out]  (PEFT's lora_B.weight transposed, so B[s, :r] is contiguous)
+    scales: [S+1]          scale of each slot for this layer, 0 for BASE_SLOT and empty slots
+    ranks:  list[int]      host-side rank of each slot for this layer, 0 where the slot has nothing for it
+"""
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+from server.lora.mapping import TokenSlotMapping
+
+
+class LoraAddOp(Protocol):
+    def __call__(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        scales: torch.Tensor,
+        ranks: Sequence[int],
+        mapping: TokenSlotMapping,
+    ) -> None: ...
+
+
+def lora_add_reference(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scales: torch.Tensor,
+    ranks: Sequence[int],
+    mapping: TokenSlotMapping,
+) -> None:
+    """y[t] += scales[s_t] * (x[t] @ a[s_t].T) @ b[s_t] for every token t, in place.
+
+    y: [T, out]  x: [T, in]  a: [S+1, R, in]  b: [S+1, R, out]  scales: [S+1]  mapping.token_slots: [T] int64.
+    Uses the full padded rank R (zero rows contribute nothing), so stale data past a rank would show up here.
+    """
+    slots = mapping.token_slots  # [T]
+    xa = torch.einsum("ti,tri->tr", x, a[slots])  # [T, R]
+    xa = xa * scales[slots].unsqueeze(1)
+    y += torch.einsum("tr,tro->to", xa, b[slots]).to(y.dtype)
+
+
+def lora_add_grouped(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scales: torch.Tensor,
+    ranks: Sequence[int],
+    mapping: TokenSlotMapping,
+) -> None:
+    """Same semantics as ``lora_add_reference``, computed per slot segment at each slot's true rank.
+
+    Tokens of BASE_SLOT are skipped. ``mapping.segments`` lists (slot, start, end) host-side ints, so no device
+    sync happens here: ranges of ``x`` itself when every slot's tokens form one run, else ranges of
+    ``x[mapping.order]`` (adapter tokens sorted by slot), gathered once and scattered back once.
+    """
+    if not mapping.segments:
+        return
+    if mapping.gathered:
+        xs = x.index_select(0, mapping.order)  # [N, in] adapter tokens in slot order
+        out = torch.zeros((xs.shape[0], y.shape[1]), dtype=y.dtype, device=y.device)  # [N, out]
+    else:
+        xs, out = x, y  # each slot's tokens are already one run of x: no gather, no scatter
+    for slot, start, end in mapping.segments:
+        r = ranks[slot]
+        if r == 0:
+            continue
+        xa = xs[start:end] @ a[slot, :r].T  # [n, r]
+        xa.mul_(scales[slot])
+        out[start:end].addmm_(xa, b[slot, :r])  # [n, out]
+    if mapping.gathered:
+        y.index_add_(0, mapping.order, out)
+
+
+LORA_OPS: dict[str, LoraAddOp] = {
+    "reference": lora_add_reference,
+    "grouped": lora_add_grouped,
+}
+
+
+def select_op(name: str, device: torch.device) -> LoraAddOp:
+    """The LoRA op to use, chosen once at startup. ``auto`` picks the fastest correct op for the device."""
+    if name == "auto":
+        # The grouped op is the fast path on every device we run today; a Triton kernel will take CUDA later.
+        name = "grouped"
+    try:
+        return LORA_OPS[name]
+    except KeyError:
+        raise ValueError(f"unknown LoRA op {name!r}; choose one of {sorted(LORA_OPS)} or 'auto'") from None

@@ -1,0 +1,264 @@
+"""Which adapter sits in which accelerator slot: LRU slots with pinning, a bounded CPU tier, disk behind both.
+
+Tiers, fastest first: ``num_slots`` accelerator slots (``adapter_slots``; ``BASE_SLOT`` is never used here), an LRU
+of at most ``cpu_capacity`` host copies, and disk (the ``AdapterSource``), the source of truth. A running request
+pins the slot it got from ``acquire`` and unpins it with ``release``; a pinned slot is never evicted or overwritten.
+
+A miss reads and validates the new adapter before it evicts anything, so a bad adapter costs the cache nothing, and
+eviction clears the slot so that no stale weights linger on the device. Torch-free: the weights type ``W`` is opaque
+here and only the injected ``SlotBackend`` touches the device.
+"""
+
+import heapq
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, Literal, Protocol, TypeVar
+
+from server.lora.errors import NoFreeSlotError
+from server.lora.slots import adapter_slots
+
+W = TypeVar("W")  # the host copy of an adapter's weights, opaque here
+W_co = TypeVar("W_co", covariant=True)
+W_contra = TypeVar("W_contra", contravariant=True)
+
+
+class AdapterSource(Protocol[W_co]):
+    def read(self, name: str) -> W_co:
+        """Read and validate adapter ``name`` from disk; raises ``AdapterError`` when it cannot be served."""
+
+
+class SlotBackend(Protocol[W_contra]):
+    def write_slot(self, slot: int, weights: W_contra) -> None:
+        """Copy host ``weights`` into accelerator ``slot`` (overwriting all of it)."""
+
+    def clear_slot(self, slot: int) -> None:
+        """Zero accelerator ``slot``."""
+
+
+@dataclass
+class CacheStats:
+    """Monotonic counters, read by the metrics exporter."""
+
+    hits: int = 0  # acquire found the adapter already in a slot
+    misses: int = 0  # acquire had a free or evictable slot and tried to load into it (failed loads included)
+    cpu_hits: int = 0  # a miss served from the CPU tier (no disk read)
+    loads: int = 0  # successful disk reads
+    load_failures: int = 0  # failed disk reads and failed slot writes
+    evictions: int = 0  # adapters evicted from a slot to make room
+    cpu_evictions: int = 0  # host copies dropped from the full CPU tier
+    load_seconds: float = 0.0  # time in successful source.read and backend.write_slot calls
+
+
+@dataclass
+class _Occupant:
+    name: str
+    pins: int = 0
+    stale: bool = False  # invalidated while pinned: cleared on its last release, never handed out again
+
+
+class SlotCache(Generic[W]):
+    """LRU slot cache with pinning and a CPU tier; every public method is thread-safe."""
+
+    def __init__(
+        self,
+        num_slots: int,
+        cpu_capacity: int,
+        source: AdapterSource[W],
+        backend: SlotBackend[W],
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        if cpu_capacity < 0:
+            raise ValueError(f"cpu_capacity must be >= 0, got {cpu_capacity}")
+        self._num_slots = num_slots
+        self._cpu_capacity = cpu_capacity
+        self._source = source
+        self._backend = backend
+        self._clock = clock
+        self.stats = CacheStats()
+        # Reentrant so that acquire_many can call the per-name helpers under the same lock. The lock is held during
+        # source.read for now: simple and correct, but it stalls other callers; later the engine moves loads off
+        # the critical path (load on a worker, then install under the lock).
+        self._lock = threading.RLock()
+        self._free = list(adapter_slots(num_slots))  # a heap: the lowest free slot is used first (deterministic)
+        self._occupants: OrderedDict[int, _Occupant] = OrderedDict()  # slot -> occupant, least recently used first
+        self._live: dict[str, int] = {}  # name -> its current (non-stale) slot
+        self._host: OrderedDict[str, W] = OrderedDict()  # name -> host copy, least recently used first
+
+    @property
+    def num_slots(self) -> int:
+        return self._num_slots
+
+    def acquire(self, name: str) -> int:
+        """Make ``name`` resident in a slot, pin it once and return the slot.
+
+        Raises ``NoFreeSlotError`` (having read nothing) when every slot is pinned, and re-raises a failed read
+        (having changed nothing) or a failed slot write (that slot is then cleared and left free).
+        """
+        with self._lock:
+            return self._acquire(name)
+
+    def acquire_many(self, names: Sequence[str]) -> list[int]:
+        """All-or-nothing ``acquire`` of every entry of ``names``; returns their slots in the same order.
+
+        Each entry is pinned once (a repeated name is pinned once per occurrence and released once per occurrence).
+        Raises ``NoFreeSlotError`` before changing anything when the distinct names cannot all be resident at once.
+        Never evicts one of ``names``. On a failed load the pins taken so far are released and the error re-raised;
+        adapters already loaded stay resident, unpinned.
+        """
+        with self._lock:
+            distinct = list(dict.fromkeys(names))
+            needed = sum(1 for name in distinct if name not in self._live)
+            spare = len(self._free) + sum(1 for o in self._occupants.values() if o.pins == 0 and o.name not in distinct)
+            if len(distinct) > self._num_slots or needed > spare:
+                raise NoFreeSlotError(
+                    f"a batch needs {len(distinct)} adapters resident at once ({needed} to load) but only {spare} "
+                    f"of the {self._num_slots} adapter slots are free or unpinned"
+                )
+            # Pin the resident ones first: the loads that follow then cannot evict a member of this batch.
+            taken: dict[str, int] = {}
+            try:
+                for name in sorted(distinct, key=lambda n: n not in self._live):
+                    taken[name] = self._acquire(name)
+            except Exception:
+                for name, slot in taken.items():
+                    self._unpin(name, slot)
+                raise
+            for name, count in Counter(names).items():
+                self._occupants[taken[name]].pins += count - 1
+            return [taken[name] for name in names]
+
+    def release(self, name: str, slot: int | None = None) -> None:
+        """Unpin one earlier ``acquire`` of ``name``; ``slot`` is the slot that acquire returned.
+
+        ``slot`` may be omitted unless ``name`` is pinned in two slots (it was invalidated while in use and acquired
+        again): then only the caller knows which copy its request used. Raises ``ValueError`` when ``name`` is not
+        pinned (in ``slot``), or when the slot is ambiguous.
+        """
+        with self._lock:
+            pinned = [s for s, occ in self._occupants.items() if occ.name == name and occ.pins > 0]
+            if slot is None:
+                if len(pinned) > 1:
+                    raise ValueError(f"adapter {name!r} is pinned in slots {pinned}; pass the slot to release")
+                slot = pinned[0] if pinned else None
+            if slot is None or slot not in pinned:
+                raise ValueError(f"adapter {name!r} is not pinned" + ("" if slot is None else f" in slot {slot}"))
+            self._unpin(name, slot)
+
+    def slot_of(self, name: str) -> int | None:
+        """The slot a new ``acquire(name)`` would hit, or None (a stale slot being drained does not count)."""
+        with self._lock:
+            return self._live.get(name)
+
+    def pin_count(self, name: str) -> int:
+        """Unreleased acquires of ``name``, summed over its current slot and a stale one still in use."""
+        with self._lock:
+            return sum(occ.pins for occ in self._occupants.values() if occ.name == name)
+
+    def tier(self, name: str) -> Literal["gpu", "cpu", "disk"]:
+        """The fastest tier a new ``acquire(name)`` finds it in ("gpu" names the slot tier on any device)."""
+        with self._lock:
+            if name in self._live:
+                return "gpu"
+            return "cpu" if name in self._host else "disk"
+
+    def resident(self) -> dict[str, int]:
+        """name -> slot of every adapter a new acquire would hit (stale slots still in use are left out)."""
+        with self._lock:
+            return dict(self._live)
+
+    def invalidate(self, name: str) -> None:
+        """``name`` was deleted or replaced on disk: forget every cached copy of it.
+
+        The host copy goes now; an unpinned slot is cleared now; a pinned slot is kept for the requests running on
+        it and cleared on its last release, and no new acquire is handed that slot. Unknown names are a no-op.
+        """
+        with self._lock:
+            self._host.pop(name, None)
+            slot = self._live.pop(name, None)
+            if slot is None:
+                return
+            occ = self._occupants[slot]
+            if occ.pins == 0:
+                self._vacate(slot)
+                heapq.heappush(self._free, slot)
+            else:
+                occ.stale = True
+
+    def _acquire(self, name: str) -> int:
+        slot = self._live.get(name)
+        if slot is not None:
+            self._occupants[slot].pins += 1
+            self._occupants.move_to_end(slot)
+            self.stats.hits += 1
+            return slot
+        if not self._free and self._victim() is None:
+            raise NoFreeSlotError(f"all {self._num_slots} adapter slots are pinned by running requests")
+        self.stats.misses += 1
+        weights = self._host_copy(name)  # may raise: nothing has been evicted yet
+        if self._free:
+            slot = heapq.heappop(self._free)
+        else:
+            slot = self._victim()
+            assert slot is not None, "an evictable slot vanished while the lock was held"
+            self._vacate(slot)
+            self.stats.evictions += 1
+        start = self._clock()
+        try:
+            self._backend.write_slot(slot, weights)
+        except Exception:
+            self.stats.load_failures += 1
+            # A half-written slot must not be mistaken for an adapter or leak into the next occupant.
+            self._backend.clear_slot(slot)
+            heapq.heappush(self._free, slot)
+            raise
+        self.stats.load_seconds += self._clock() - start
+        self._occupants[slot] = _Occupant(name, pins=1)
+        self._live[name] = slot
+        return slot
+
+    def _host_copy(self, name: str) -> W:
+        """The host copy of ``name``: from the CPU tier, else read from disk and kept in the CPU tier."""
+        if name in self._host:
+            self._host.move_to_end(name)
+            self.stats.cpu_hits += 1
+            return self._host[name]
+        start = self._clock()
+        try:
+            weights = self._source.read(name)
+        except Exception:
+            self.stats.load_failures += 1
+            raise
+        self.stats.load_seconds += self._clock() - start
+        self.stats.loads += 1
+        if self._cpu_capacity > 0:
+            if len(self._host) >= self._cpu_capacity:
+                self._host.popitem(last=False)
+                self.stats.cpu_evictions += 1
+            self._host[name] = weights
+        return weights
+
+    def _victim(self) -> int | None:
+        """The least recently used unpinned slot (stale slots are always pinned, so never chosen)."""
+        return next((slot for slot, occ in self._occupants.items() if occ.pins == 0), None)
+
+    def _vacate(self, slot: int) -> None:
+        """Clear ``slot`` on the device and forget its occupant; the caller reuses the slot or frees it."""
+        occ = self._occupants[slot]
+        assert occ.pins == 0, f"vacating pinned slot {slot} ({occ.name!r})"
+        self._backend.clear_slot(slot)
+        del self._occupants[slot]
+        if self._live.get(occ.name) == slot:
+            del self._live[occ.name]
+
+    def _unpin(self, name: str, slot: int) -> None:
+        occ = self._occupants[slot]
+        assert occ.name == name and occ.pins > 0, f"unpinning {name!r} in slot {slot}, which holds {occ}"
+        occ.pins -= 1
+        if occ.pins == 0 and occ.stale:
+            self._vacate(slot)
+            heapq.heappush(self._free, slot)

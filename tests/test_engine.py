@@ -1,0 +1,246 @@
+"""The engine against PEFT's ``generate``: token for token, mixed adapters, staggered arrivals, chunked prompts."""
+
+import asyncio
+import random
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from server.engine.engine import Engine, EngineConfig, RequestError
+from server.engine.request import FinishReason
+from server.engine.sampling import SamplingParams
+from server.model.loader import load_base_model
+from server.model.lora_model import LoraModel
+from tests.peft_reference import PeftReference
+
+
+def make_engine(model_dir: Path, adapters: dict[str, Path], slots: int = 3, **config) -> Engine:
+    model = LoraModel(load_base_model(model_dir), num_slots=slots, max_rank=64)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    defaults = {"max_batch_size": 4, "max_seq_len": 160, "max_tokens_per_step": 24, "cpu_slots": 2}
+    return Engine(model, tokenizer, lambda name: adapters[name], EngineConfig(**{**defaults, **config}))
+
+
+def run_until_done(engine: Engine, limit: int = 5000) -> None:
+    for _ in range(limit):
+        if not engine.has_work():
+            return
+        if engine.step() == 0:
+            time.sleep(0.002)  # an adapter is being read on the loader thread
+    raise AssertionError("engine did not finish")
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir, tiny_adapters):
+    adapters = {f"a{i}": p for i, p in enumerate(tiny_adapters("llama"))}
+    reference = PeftReference(tiny_model_dir("llama"), list(adapters.values()))
+    reference.model.generation_config.eos_token_id = None  # compare full lengths; EOS is tested on its own
+    return tiny_model_dir("llama"), adapters, reference
+
+
+def peft_greedy(reference: PeftReference, prompt: list[int], adapter: str | None, n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    kwargs = {"max_new_tokens": n, "do_sample": False, "pad_token_id": 2, "eos_token_id": None}
+    with torch.inference_mode():
+        if adapter is None:
+            with reference.model.disable_adapter():
+                out = reference.model.generate(input_ids=ids, **kwargs)
+        else:
+            reference.model.set_adapter(reference.names[int(adapter[1:])])
+            out = reference.model.generate(input_ids=ids, **kwargs)
+    return out[0, len(prompt) :].tolist()
+
+
+def test_greedy_equals_peft_with_staggered_mixed_requests(setup) -> None:
+    model_dir, adapters, reference = setup
+    engine = make_engine(model_dir, adapters, slots=3)
+    rng = random.Random(0)
+    requests = []
+    for _ in range(14):
+        adapter = rng.choice([None, *adapters])
+        prompt = [rng.randrange(5, 380) for _ in range(rng.randint(1, 50))]
+        requests.append((adapter, prompt, rng.randint(1, 20)))
+    handles = []
+    for i, (adapter, prompt, n) in enumerate(requests):
+        params = SamplingParams(max_new_tokens=n, ignore_eos=True)
+        handles.append(engine.submit(prompt, adapter, params))
+        for _ in range(i % 3):  # arrivals between steps, while others are mid-prompt or decoding
+            engine.step()
+    run_until_done(engine)
+    for (adapter, prompt, n), handle in zip(requests, handles, strict=True):
+        result = handle.result()
+        assert result.finish_reason == FinishReason.LENGTH
+        assert result.token_ids == peft_greedy(reference, prompt, adapter, n), f"adapter {adapter}"
+        assert result.text == engine.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+    assert engine.slot_cache.stats.evictions > 0  # six adapters through three slots
+    assert not engine.scheduler.running and all(engine.slot_cache.pin_count(a) == 0 for a in adapters)
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(setup) -> None:
+    model_dir, adapters, _ = setup
+    params = SamplingParams(max_new_tokens=24, temperature=0.9, top_p=0.95, top_k=50, seed=7, ignore_eos=True)
+    prompt = [10, 20, 30, 40]
+
+    alone = make_engine(model_dir, adapters)
+    h = alone.submit(prompt, "a2", params)
+    run_until_done(alone)
+    expected = h.result().token_ids
+
+    busy = make_engine(model_dir, adapters)
+    others = [
+        busy.submit([7 + i] * (3 + i), a, SamplingParams(max_new_tokens=30, temperature=1.0, ignore_eos=True))
+        for i, a in enumerate(["a0", None, "a2", "a5"])
+    ]
+    busy.step()
+    h2 = busy.submit(prompt, "a2", params)
+    run_until_done(busy)
+    assert h2.result().token_ids == expected
+    assert all(o.result().finish_reason == FinishReason.LENGTH for o in others)
+    different = busy.submit(prompt, "a2", SamplingParams(**{**params.__dict__, "seed": 8}))
+    run_until_done(busy)
+    assert different.result().token_ids != expected
+
+
+def test_stop_strings_eos_and_streamed_text(setup) -> None:
+    model_dir, adapters, _ = setup
+    engine = make_engine(model_dir, adapters)
+    prompt = [11, 12, 13, 14, 15]
+    full = engine.submit(prompt, "a1", SamplingParams(max_new_tokens=30, ignore_eos=True))
+    run_until_done(engine)
+    outputs = list(full)  # already finished: replays the queued events
+    text = "".join(o.text for o in outputs)
+    assert len(outputs) == 30 and text == engine.tokenizer.decode([t for o in outputs for t in o.token_ids])
+
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    stopped = engine.submit(prompt, "a1", SamplingParams(max_new_tokens=30, stop=(stop,), ignore_eos=True))
+    run_until_done(engine)
+    events = list(stopped)
+    assert events[-1].finish_reason == FinishReason.STOP
+    assert "".join(e.text for e in events) == text[: text.index(stop)]
+
+    eos_token = [t for o in outputs for t in o.token_ids][4]
+    engine.eos_ids = frozenset({eos_token})
+    at_eos = engine.submit(prompt, "a1", SamplingParams(max_new_tokens=30))
+    run_until_done(engine)
+    result = at_eos.result()
+    assert result.finish_reason == FinishReason.EOS and result.token_ids[-1] == eos_token
+    assert len(result.token_ids) <= 5
+
+
+def test_cancel_frees_row_and_pin(setup) -> None:
+    model_dir, adapters, _ = setup
+    engine = make_engine(model_dir, adapters)
+    handle = engine.submit([5] * 10, "a3", SamplingParams(max_new_tokens=100, ignore_eos=True))
+    for _ in range(500):  # the adapter is read on the loader thread first
+        engine.step()
+        if engine.slot_cache.pin_count("a3"):
+            break
+        time.sleep(0.01)
+    engine.step()
+    assert engine.slot_cache.pin_count("a3") == 1 and engine.scheduler.num_running == 1
+    handle.cancel()
+    engine.step()
+    assert engine.slot_cache.pin_count("a3") == 0 and engine.scheduler.num_running == 0
+    result = handle.result()
+    assert result.finish_reason == FinishReason.CANCELLED and 0 < result.completion_tokens < 100
+
+
+def test_no_step_needs_more_adapters_than_slots_and_nobody_starves(setup) -> None:
+    model_dir, adapters, _ = setup
+    engine = make_engine(model_dir, adapters, slots=1, max_batch_size=4, starvation_steps=4)
+    seen: list[set[int]] = []
+    run = engine.runner.run
+
+    def spy(chunks):
+        seen.append({c.slot for c in chunks if c.slot != 0})
+        return run(chunks)
+
+    engine.runner.run = spy
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    rare = None
+    handles = []
+    for i in range(40):  # a stream of popular-adapter requests, and one for a rare adapter early on
+        handles.append(engine.submit([3, 4, 5], "a0", params))
+        if i == 2:
+            rare = engine.submit([3, 4, 5], "a4", params)
+        engine.step()
+        engine.step()
+    run_until_done(engine)
+    assert all(len(s) <= 1 for s in seen)
+    assert rare is not None and rare.result().finish_reason == FinishReason.LENGTH
+    assert all(h.result().finish_reason == FinishReason.LENGTH for h in handles)
+
+
+def test_loading_adapter_does_not_block_others(setup, monkeypatch) -> None:
+    model_dir, adapters, _ = setup
+    engine = make_engine(model_dir, adapters)
+    gate = threading.Event()
+    read = engine.model.read_adapter
+
+    def slow_read(folder):
+        gate.wait(10)
+        return read(folder)
+
+    monkeypatch.setattr(engine.model, "read_adapter", slow_read)
+    slow = engine.submit([1, 2, 3], "a5", SamplingParams(max_new_tokens=3, ignore_eos=True))
+    fast = engine.submit([1, 2, 3], None, SamplingParams(max_new_tokens=3, ignore_eos=True))
+    for _ in range(5):
+        engine.step()
+    assert fast.result().finish_reason == FinishReason.LENGTH  # finished while a5 was still loading
+    assert engine.prefetcher.state("a5") == "pending"
+    gate.set()
+    run_until_done(engine)
+    assert slow.result().finish_reason == FinishReason.LENGTH
+
+
+def test_bad_requests_and_a_corrupt_adapter(setup, tmp_path) -> None:
+    model_dir, adapters, _ = setup
+    broken = tmp_path / "broken"
+    shutil.copytree(adapters["a0"], broken)
+    (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    engine = make_engine(model_dir, {**adapters, "broken": broken})
+    with pytest.raises(RequestError, match="unknown adapter"):
+        engine.submit([1, 2], "nope")
+    with pytest.raises(RequestError, match="exceeds the maximum sequence length"):
+        engine.submit([1] * 100, None, SamplingParams(max_new_tokens=100))
+    with pytest.raises(RequestError, match="empty"):
+        engine.submit([], None)
+    bad = engine.submit([1, 2, 3], "broken", SamplingParams(max_new_tokens=4, ignore_eos=True))
+    good = engine.submit([1, 2, 3], "a0", SamplingParams(max_new_tokens=4, ignore_eos=True))
+    run_until_done(engine)
+    failed = bad.result()
+    assert failed.finish_reason == FinishReason.ERROR and "safetensors" in (failed.error or "")
+    assert good.result().finish_reason == FinishReason.LENGTH
+
+
+def test_async_streaming_on_the_engine_thread(setup) -> None:
+    model_dir, adapters, reference = setup
+    engine = make_engine(model_dir, adapters)
+    engine.start()
+    try:
+
+        async def consume(prompt: list[int], adapter: str | None) -> tuple[list[int], str]:
+            handle = engine.submit(prompt, adapter, SamplingParams(max_new_tokens=8, ignore_eos=True),
+                                   loop=asyncio.get_running_loop())  # fmt: skip
+            tokens, text = [], ""
+            async for out in handle:
+                tokens.extend(out.token_ids)
+                text += out.text
+            return tokens, text
+
+        async def main():
+            return await asyncio.gather(consume([9, 8, 7], "a1"), consume([4, 4], None), consume([1], "a4"))
+
+        results = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    for (tokens, text), (prompt, adapter) in zip(
+        results, [([9, 8, 7], "a1"), ([4, 4], None), ([1], "a4")], strict=True
+    ):
+        assert tokens == peft_greedy(reference, prompt, adapter, 8)
+        assert text == engine.tokenizer.decode(tokens, skip_special_tokens=True)
