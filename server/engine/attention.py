@@ -76,6 +76,14 @@ def install(model: PreTrainedModel, context: AttentionContext) -> None:
         raise ValueError(f"found {found} attention modules for {model.config.num_hidden_layers} layers")
 
 
+def sliding_window_of(config: object) -> int | None:
+    """The attention window a model applies, or None when it attends to the whole sequence."""
+    window = getattr(config, "sliding_window", None)
+    if window is None or getattr(config, "use_sliding_window", True) is False:
+        return None
+    return int(window)
+
+
 def cached_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -95,10 +103,10 @@ def cached_attention(
     meta = context.metadata
     if meta is None:
         raise RuntimeError("cached attention ran without step metadata")
-    if sliding_window is not None:
-        raise NotImplementedError("sliding-window attention is not supported by the KV cache yet")
     layer = module.layer_idx
     cache = context.cache
+    if sliding_window is not None and sliding_window < cache.max_len:  # checked at startup by sliding_window_of
+        raise NotImplementedError("sliding-window attention shorter than the KV cache is not supported")
     k_new = key[0].transpose(0, 1)  # [T, KV, D]
     v_new = value[0].transpose(0, 1)
     cache.write(layer, meta.rows, meta.positions, k_new, v_new)

@@ -23,7 +23,7 @@ from server.engine.model_runner import ModelRunner, SequenceChunk
 from server.engine.request import FinishReason, Sequence
 from server.engine.sampling import RowSampler, SamplingParams, sample
 from server.engine.scheduler import Scheduler
-from server.engine.stats import EngineStats
+from server.engine.stats import EngineStats, FinishedRecord
 from server.lora.prefetch import AdapterPrefetcher
 from server.lora.slot_cache import SlotCache
 from server.model.lora_model import LoraModel
@@ -36,10 +36,19 @@ class EngineConfig:
     max_tokens_per_step: int = 2048  # token budget of one forward pass (prompt chunks + decode tokens)
     cpu_slots: int = 64  # host copies of adapters kept behind the accelerator slots
     starvation_steps: int = 32  # steps the oldest waiting request may be passed over before it gets priority
+    max_queue: int = 1_000_000  # waiting requests; past it ``submit`` raises QueueFullError
 
 
 class RequestError(ValueError):
     """A request the engine cannot take (too long, unknown adapter); the message is for the client."""
+
+
+class UnknownAdapterError(RequestError):
+    """The request names an adapter that is not registered."""
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at its bound; the client should retry later."""
 
 
 @dataclass(eq=False)
@@ -77,6 +86,9 @@ class Engine:
             config.starvation_steps,
         )
         self.stats = EngineStats()
+        # Observers (the metrics exporter): called on the engine thread, so they must be quick.
+        self.on_finish: list[Callable[[FinishedRecord], None]] = []
+        self.on_step: list[Callable[[int], None]] = []
         self.eos_ids = _eos_ids(model, tokenizer)
         self._live: dict[str, _Live] = {}
         self._inbox: list[_Live] = []
@@ -111,7 +123,7 @@ class Engine:
             try:
                 self.adapter_path(adapter)
             except KeyError:
-                raise RequestError(f"unknown adapter {adapter!r}") from None
+                raise UnknownAdapterError(f"unknown adapter {adapter!r}") from None
         rid = request_id or f"req-{uuid.uuid4().hex[:12]}-{next(self._ids)}"
         seq = Sequence(rid, adapter, list(prompt_ids), params, arrival=time.monotonic())
         live = _Live(
@@ -122,9 +134,20 @@ class Engine:
             StopChecker(params.stop),
         )
         with self._wake:
+            if len(self._inbox) + self.scheduler.num_waiting >= self.config.max_queue:
+                raise QueueFullError(f"the queue holds {self.config.max_queue} waiting requests; retry later")
             self._inbox.append(live)
             self._wake.notify()
         return live.handle
+
+    def queue_length(self) -> int:
+        with self._wake:
+            return len(self._inbox) + self.scheduler.num_waiting
+
+    def forget_adapter(self, name: str) -> None:
+        """The adapter was deleted: drop its host copies; its slot is cleared once running requests release it."""
+        self.prefetcher.forget(name)
+        self.slot_cache.invalidate(name)
 
     # ---- the step (engine thread) ------------------------------------------------------------------------------
     def step(self) -> int:
@@ -134,6 +157,8 @@ class Engine:
         for seq in plan.aborted:
             self._finish_aborted(seq)
         self.stats.record_step(len(plan.scheduled), plan.num_tokens, self.scheduler.num_waiting)
+        for observe in self.on_step:
+            observe(plan.num_tokens)
         if not plan.scheduled:
             return 0
         chunks = []
@@ -209,7 +234,9 @@ class Engine:
         delta = text[live.emitted :] if len(text) > live.emitted else ""
         live.emitted = len(text)
         self._live.pop(seq.request_id, None)
-        self.stats.record_finish(seq)
+        record = self.stats.record_finish(seq)
+        for observe in self.on_finish:
+            observe(record)
         live.handle._push(
             RequestOutput(
                 seq.request_id,

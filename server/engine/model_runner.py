@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.engine.attention import AttentionContext, AttentionMetadata, PrefillSegment, install
+from server.engine.attention import AttentionContext, AttentionMetadata, PrefillSegment, install, sliding_window_of
 from server.engine.kv_cache import KVCache
 from server.lora.mapping import TokenSlotMapping
 from server.model.lora_model import LoraModel
@@ -33,6 +33,12 @@ class ModelRunner:
         self.lora_model = lora_model
         self.model = lora_model.model
         self.device = lora_model.device
+        window = sliding_window_of(self.model.config)
+        if window is not None and window < max_len:
+            raise ValueError(
+                f"the model uses sliding-window attention ({window} tokens), which the KV cache does not implement; "
+                f"use a maximum sequence length of at most {window}"
+            )
         self.cache = KVCache.for_model(self.model.config, max_rows, max_len, lora_model.dtype, self.device)
         self.attention = AttentionContext(self.cache)
         install(self.model, self.attention)

@@ -56,10 +56,3 @@ class EngineStats:
             self.finished[record.finish_reason] += 1
             self.recent.append(record)
         return record
-
-    def drain(self) -> list[FinishedRecord]:
-        """Records since the last drain (for a metrics exporter), oldest first."""
-        with self._lock:
-            out = list(self.recent)
-            self.recent.clear()
-        return out

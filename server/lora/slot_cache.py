@@ -171,6 +171,11 @@ class SlotCache(Generic[W]):
         with self._lock:
             return dict(self._live)
 
+    def tier_counts(self) -> tuple[int, int]:
+        """(adapters in a slot, host copies held in the CPU tier), for metrics."""
+        with self._lock:
+            return len(self._live), len(self._host)
+
     def invalidate(self, name: str) -> None:
         """``name`` was deleted or replaced on disk: forget every cached copy of it.
 

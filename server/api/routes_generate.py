@@ -1,0 +1,75 @@
+"""``POST /v1/generate``: our own generation API, JSON or Server-Sent Events."""
+
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from server.api.auth import require_inference
+from server.api.generation import prime, public_reason, run_to_completion, sampling_params, submit, tokenize
+from server.api.schemas import ErrorResponse, GenerateRequest, GenerateResponse, StreamEvent, StreamToken, Usage
+from server.engine.handle import RequestOutput
+from server.service import Service
+
+router = APIRouter(dependencies=[Depends(require_inference)])
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 422, 429, 503)}
+
+
+def sse(payload: str) -> str:
+    return f"data: {payload}\n\n"
+
+
+@router.post(
+    "/v1/generate",
+    response_model=GenerateResponse,
+    responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when streaming"}},
+)
+async def generate(body: GenerateRequest, request: Request):
+    """Generate with ``adapter`` (or the base model). With ``stream: true`` the answer is Server-Sent Events: one
+    ``data: {"id", "token": {"id", "text"}}`` per token, a last event with ``finish_reason`` and ``usage``, then
+    ``data: [DONE]``."""
+    service: Service = request.app.state.service
+    params = sampling_params(
+        max_new_tokens=body.max_new_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        seed=body.seed,
+        stop=tuple(body.stop),
+        ignore_eos=body.ignore_eos,
+    )
+    handle = submit(service, tokenize(service, body.prompt), body.adapter, params)
+    if not body.stream:
+        result = await run_to_completion(handle)
+        return GenerateResponse(
+            id=result.request_id,
+            adapter=body.adapter,
+            text=result.text,
+            finish_reason=public_reason(result.finish_reason),
+            usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens),
+        )
+    first, rest = await prime(handle)
+
+    async def events() -> AsyncIterator[str]:
+        async def all_outputs() -> AsyncIterator[RequestOutput]:
+            yield first
+            async for output in rest:
+                yield output
+
+        async for out in all_outputs():
+            for i, token in enumerate(out.token_ids):  # the delta rides on the step's (only) token
+                text = out.text if i == len(out.token_ids) - 1 else ""
+                event = StreamEvent(id=out.request_id, token=StreamToken(id=token, text=text))
+                yield sse(event.model_dump_json(exclude_none=True))
+            if out.finished:
+                final = StreamEvent(
+                    id=out.request_id,
+                    finish_reason=public_reason(out.finish_reason),  # type: ignore[arg-type]
+                    usage=Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens),
+                )
+                if out.text and not out.token_ids:
+                    final = final.model_copy(update={"token": StreamToken(id=-1, text=out.text)})
+                yield sse(final.model_dump_json(exclude_none=True))
+        yield sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

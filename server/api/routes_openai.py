@@ -1,0 +1,152 @@
+"""OpenAI-compatible ``/v1/completions``, ``/v1/chat/completions`` and ``/v1/models``; ``model`` names an adapter
+or the base model. The official ``openai`` client works against these, streaming included."""
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+from server.api.auth import require_inference
+from server.api.errors import ApiError
+from server.api.generation import prime, run_to_completion, sampling_params, submit, tokenize
+from server.api.openai_schemas import (
+    ChatChoice,
+    ChatChoiceMessage,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionUsage,
+    ModelCard,
+    ModelList,
+)
+from server.api.schemas import ErrorResponse
+from server.engine.handle import RequestHandle
+from server.engine.request import FinishReason
+from server.service import Service
+
+router = APIRouter(dependencies=[Depends(require_inference)])
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 422, 429, 503)}
+
+
+def _adapter_for(service: Service, model: str) -> str | None:
+    if model == service.base_model_id:
+        return None
+    if model in service.registry:
+        return model
+    raise ApiError(404, "not_found", f"model {model!r} does not exist; GET /v1/models lists the base and adapters")
+
+
+def _reason(reason: FinishReason | None) -> str | None:
+    if reason is None:
+        return None
+    return "length" if reason is FinishReason.LENGTH else "stop"
+
+
+def _start(service: Service, body: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int]) -> RequestHandle:
+    max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
+    params = sampling_params(
+        max_new_tokens=max_tokens or max(1, service.settings.max_seq_len - len(prompt_ids)),
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        stop=body.stop_list(),
+    )
+    return submit(service, prompt_ids, _adapter_for(service, body.model), params)
+
+
+def _sse(chunk: BaseModel | str) -> str:
+    return f"data: {chunk if isinstance(chunk, str) else chunk.model_dump_json()}\n\n"
+
+
+@router.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS)
+async def completions(body: CompletionRequest, request: Request):
+    service: Service = request.app.state.service
+    try:
+        prompt = body.single_prompt()
+    except ValueError as exc:
+        raise ApiError(422, "invalid_request", str(exc)) from None
+    handle = _start(service, body, tokenize(service, prompt))
+    created, cid = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
+    prefix = prompt if body.echo else ""
+    if not body.stream:
+        result = await run_to_completion(handle)
+        usage = CompletionUsage(
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            total_tokens=result.prompt_tokens + result.completion_tokens,
+        )
+        choice = CompletionChoice(text=prefix + result.text, finish_reason=_reason(result.finish_reason))  # type: ignore[arg-type]
+        return CompletionResponse(id=cid, created=created, model=body.model, choices=[choice], usage=usage)
+    first, rest = await prime(handle)
+
+    async def events() -> AsyncIterator[str]:
+        if prefix:
+            yield _sse(CompletionResponse(id=cid, created=created, model=body.model,
+                                          choices=[CompletionChoice(text=prefix, finish_reason=None)]))  # fmt: skip
+        out = first
+        while True:
+            choice = CompletionChoice(text=out.text, finish_reason=_reason(out.finish_reason))  # type: ignore[arg-type]
+            yield _sse(CompletionResponse(id=cid, created=created, model=body.model, choices=[choice]))
+            if out.finished:
+                break
+            out = await anext(rest)
+        yield _sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS)
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    service: Service = request.app.state.service
+    if not service.tokenizer.chat_template:
+        raise ApiError(400, "invalid_request", "the base model's tokenizer has no chat template")
+    messages = [m.model_dump() for m in body.messages]
+    text = service.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt_ids = list(service.tokenizer(text, add_special_tokens=False)["input_ids"])
+    handle = _start(service, body, prompt_ids)
+    created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
+    if not body.stream:
+        result = await run_to_completion(handle)
+        usage = CompletionUsage(
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            total_tokens=result.prompt_tokens + result.completion_tokens,
+        )
+        choice = ChatChoice(message=ChatChoiceMessage(content=result.text), finish_reason=_reason(result.finish_reason))  # type: ignore[arg-type]
+        return ChatCompletionResponse(id=cid, created=created, model=body.model, choices=[choice], usage=usage)
+    first, rest = await prime(handle)
+
+    def chunk(delta: ChatDelta, reason: str | None = None) -> str:
+        choice = ChatChunkChoice(delta=delta, finish_reason=reason)  # type: ignore[arg-type]
+        return _sse(ChatCompletionChunk(id=cid, created=created, model=body.model, choices=[choice]))
+
+    async def events() -> AsyncIterator[str]:
+        yield chunk(ChatDelta(role="assistant", content=""))
+        out = first
+        while True:
+            if out.text:
+                yield chunk(ChatDelta(content=out.text))
+            if out.finished:
+                yield chunk(ChatDelta(), _reason(out.finish_reason))
+                break
+            out = await anext(rest)
+        yield _sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def models(request: Request) -> ModelList:
+    service: Service = request.app.state.service
+    now = int(time.time())
+    cards = [ModelCard(id=service.base_model_id, created=now)]
+    cards += [ModelCard(id=r.name, created=now, parent=service.base_model_id) for r in service.registry.list()]
+    return ModelList(data=cards)

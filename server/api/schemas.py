@@ -1,0 +1,73 @@
+"""Request and response bodies of our own API. Every limit a client can hit is declared here, so FastAPI answers 422."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FinishReasonName = Literal["length", "stop", "eos"]
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    adapter: str | None = Field(None, description="adapter name; null or absent for the base model", max_length=64)
+    prompt: str = Field(..., min_length=1, description="raw prompt text (no chat template applied)")
+    max_new_tokens: int = Field(128, ge=1, le=1_000_000)
+    temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 = off")
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: list[str] = Field(default_factory=list, max_length=4)
+    ignore_eos: bool = False
+    stream: bool = False
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    adapter: str | None
+    text: str
+    finish_reason: FinishReasonName
+    usage: Usage
+
+
+class StreamToken(BaseModel):
+    id: int
+    text: str
+
+
+class StreamEvent(BaseModel):
+    """One Server-Sent Event of a streamed generation: a token, or the final event (finish_reason and usage)."""
+
+    id: str
+    token: StreamToken | None = None
+    finish_reason: FinishReasonName | None = None
+    usage: Usage | None = None
+
+
+class AdapterInfo(BaseModel):
+    name: str
+    rank: int
+    alpha: float
+    target_modules: list[str] | str
+    size_bytes: int
+    sha256: str
+    created_at: str
+    state: Literal["disk", "cpu", "gpu"]
+
+
+class AdapterList(BaseModel):
+    adapters: list[AdapterInfo]
+
+
+class ErrorBody(BaseModel):
+    type: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

@@ -1,0 +1,54 @@
+"""``lora-server``: the command line. ``lora-server serve [flags]`` runs the HTTP server."""
+
+import argparse
+import logging
+import sys
+
+from pydantic import ValidationError
+
+log = logging.getLogger("server")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="lora-server", description="Multi-LoRA inference server")
+    parser.add_argument("command", choices=["serve", "prepare-model"], help="serve: run the HTTP server; "
+                        "prepare-model: convert the embedded default model once and print its folder")  # fmt: skip
+    args, rest = parser.parse_known_args(argv[:1])
+    if args.command == "prepare-model":
+        from server.model.embedded import ensure_embedded_model
+
+        print(ensure_embedded_model())
+        return 0
+    return serve(argv[1:])
+
+
+def serve(flags: list[str]) -> int:
+    from server.config import Settings
+
+    try:
+        settings = Settings(_cli_parse_args=flags)
+    except ValidationError as exc:
+        print(f"lora-server serve: invalid settings\n{exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.api_key is None and settings.admin_key is None:
+        if settings.host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("no API keys are configured and the server listens on %s: anyone who can reach it can "
+                        "upload adapters and generate", settings.host)  # fmt: skip
+        else:
+            log.info("no API keys are configured: listening on %s only", settings.host)
+
+    import uvicorn
+
+    from server.api.app import create_app
+    from server.service import Service
+
+    service = Service(settings)
+    uvicorn.run(create_app(service), host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=30)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

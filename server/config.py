@@ -1,0 +1,48 @@
+"""Server settings: command-line flags and ``LORA_SERVER_<NAME>`` environment variables, validated once at startup.
+
+Precedence: flag > environment variable > default. Every flag of ``lora-server serve`` is a field here.
+"""
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="LORA_SERVER_",
+        cli_kebab_case=True,
+        cli_prog_name="lora-server serve",
+        cli_implicit_flags=True,
+        extra="ignore",
+    )
+
+    base_model: Path | None = Field(None, description="local Hugging Face folder; default: embedded SmolLM2-135M")
+    data_dir: Path = Field(Path("data"), description="where uploaded adapters and the registry index are stored")
+    startup_adapters: Path | None = Field(
+        Path("adapters"), description="folder whose PEFT subfolders are registered at boot (skipped if missing)"
+    )
+    host: str = Field("127.0.0.1", description="bind address")
+    port: int = Field(8000, ge=1, le=65535)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    gpu_slots: int = Field(16, ge=1, le=4096, description="adapters resident on the accelerator at once")
+    cpu_slots: int = Field(64, ge=0, le=100_000, description="host copies of adapters kept behind the slots")
+    max_rank: int = Field(64, ge=1, le=1024, description="largest LoRA rank accepted")
+    max_batch_size: int = Field(32, ge=1, le=4096, description="sequences running at once (KV cache rows)")
+    max_seq_len: int = Field(2048, ge=16, le=1_000_000, description="prompt + generated tokens of one request")
+    max_tokens_per_step: int = Field(2048, ge=1, description="token budget of one engine step")
+    max_queue: int = Field(256, ge=1, description="waiting requests before new ones get 429")
+    max_upload_bytes: int = Field(512 * 2**20, ge=1024, description="largest adapter upload body")
+    metrics_adapter_labels: int = Field(100, ge=1, description="distinct adapter label values in metrics")
+    api_key: SecretStr | None = Field(None, description="key for inference endpoints (Bearer token)")
+    admin_key: SecretStr | None = Field(None, description="key for adapter upload and delete")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        if self.max_tokens_per_step < self.max_batch_size:
+            raise ValueError("max_tokens_per_step must be at least max_batch_size")
+        return self

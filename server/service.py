@@ -1,0 +1,98 @@
+"""The composition root: builds the model, registry, engine and metrics from the settings, and owns their lifetime."""
+
+import logging
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from server.config import Settings
+from server.engine.engine import Engine, EngineConfig
+from server.lora.checkpoint import CONFIG_FILE
+from server.lora.errors import AdapterError
+from server.lora.registry import AdapterExists, AdapterRegistry, AdapterSummary, RegistryError, UploadLimits
+from server.metrics import EngineView, ServerMetrics
+from server.model.embedded import EMBEDDED_MODEL_ID, ensure_embedded_model
+from server.model.loader import load_base_model
+from server.model.lora_model import LoraModel
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    """Everything the HTTP layer talks to. Construction loads the model (seconds); ``start`` runs the engine."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        base_dir = settings.base_model or ensure_embedded_model()
+        self.base_model_id = settings.base_model.name if settings.base_model else EMBEDDED_MODEL_ID
+        log.info("loading base model %s from %s", self.base_model_id, base_dir)
+        model = load_base_model(base_dir, settings.device, settings.dtype)
+        self.lora_model = LoraModel(model, settings.gpu_slots, settings.max_rank)
+        self.tokenizer = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
+        limits = UploadLimits(max_file_bytes=settings.max_upload_bytes, max_unpacked_bytes=settings.max_upload_bytes)
+        self.registry = AdapterRegistry(settings.data_dir, self.validate_adapter, limits)
+        self.engine = Engine(
+            self.lora_model,
+            self.tokenizer,
+            self.registry.path,
+            EngineConfig(
+                max_batch_size=settings.max_batch_size,
+                max_seq_len=settings.max_seq_len,
+                max_tokens_per_step=settings.max_tokens_per_step,
+                cpu_slots=settings.cpu_slots,
+                max_queue=settings.max_queue,
+            ),
+        )
+        self.metrics = ServerMetrics(settings.metrics_adapter_labels)
+        self.engine.on_finish.append(self.metrics.observe_finished)
+        self.engine.on_step.append(self.metrics.observe_step)
+        self.metrics.add_engine_view(
+            EngineView(
+                running=lambda: self.engine.scheduler.num_running,
+                queued=self.engine.queue_length,
+                cache_stats=lambda: self.engine.slot_cache.stats,
+                resident=self.engine.slot_cache.tier_counts,
+                registered=lambda: len(self.registry),
+            )
+        )
+        if settings.startup_adapters is not None:
+            self.register_folder_adapters(settings.startup_adapters)
+
+    def validate_adapter(self, folder: Path) -> AdapterSummary:
+        """Read the PEFT folder fully against the loaded base model (raises AdapterError with the reason)."""
+        spec = self.lora_model.read_adapter(folder).spec
+        targets = spec.target_modules if isinstance(spec.target_modules, str) else list(spec.target_modules)
+        return AdapterSummary(rank=spec.max_rank, alpha=spec.lora_alpha, target_modules=targets)
+
+    def register_folder_adapters(self, root: Path) -> None:
+        """Register every PEFT save under ``root`` (one subfolder each) that is not registered yet."""
+        if not root.is_dir():
+            log.info("no startup adapters folder at %s", root)
+            return
+        for folder in sorted(p for p in root.iterdir() if (p / CONFIG_FILE).is_file()):
+            if folder.name in self.registry:
+                continue
+            try:
+                self.registry.add_folder(folder.name, folder, source="startup")
+                log.info("registered startup adapter %s", folder.name)
+            except AdapterExists:
+                continue
+            except (AdapterError, RegistryError) as exc:
+                log.warning("startup adapter %s refused: %s", folder.name, exc)
+
+    def adapter_state(self, name: str) -> str:
+        return self.engine.slot_cache.tier(name)
+
+    def delete_adapter(self, name: str) -> None:
+        self.registry.delete(name)
+        self.engine.forget_adapter(name)
+
+    def start(self) -> None:
+        self.engine.start()
+
+    def stop(self) -> None:
+        self.engine.shutdown()
+
+    @property
+    def ready(self) -> bool:
+        return self.engine.running
