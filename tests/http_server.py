@@ -19,6 +19,7 @@ def free_port() -> int:
 class ServerProcess:
     def __init__(self, base_model: Path, data_dir: Path, *flags: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
+        self.data_dir = data_dir
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = [
             sys.executable, "-m", "server.cli", "serve",

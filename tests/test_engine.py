@@ -45,7 +45,13 @@ def setup(tiny_model_dir, tiny_adapters):
 
 def peft_greedy(reference: PeftReference, prompt: list[int], adapter: str | None, n: int) -> list[int]:
     ids = torch.tensor([prompt])
-    kwargs = {"max_new_tokens": n, "do_sample": False, "pad_token_id": 2, "eos_token_id": None}
+    kwargs = {
+        "max_new_tokens": n,
+        "do_sample": False,
+        "pad_token_id": 2,
+        "eos_token_id": None,
+        "attention_mask": torch.ones_like(ids),
+    }  # never let generate mask prompt tokens equal to the pad id
     with torch.inference_mode():
         if adapter is None:
             with reference.model.disable_adapter():

@@ -62,8 +62,8 @@ def peft_expected(tiny_model_dir, tiny_adapters):
     ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
     reference.model.set_adapter(reference.names[0])
     with torch.inference_mode():
-        out = reference.model.generate(input_ids=ids, max_new_tokens=12, do_sample=False, eos_token_id=None,
-                                       pad_token_id=2)  # fmt: skip
+        out = reference.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                       do_sample=False, eos_token_id=None, pad_token_id=2)  # fmt: skip
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
@@ -146,6 +146,17 @@ def test_archive_upload_and_delete(server, tiny_adapters) -> None:
     assert httpx.get(f"{server.url}/v1/adapters/legal-v2").status_code == 404
     r = httpx.post(f"{server.url}/v1/generate", json=body, timeout=60)
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found"
+
+
+def test_corrupt_adapter_on_disk_fails_only_its_requests(server, tiny_adapters) -> None:
+    assert upload(server.url, "corrupt-later", tiny_adapters("llama")[4]).status_code == 201
+    stored = server.data_dir / "adapters" / "corrupt-later" / "adapter_model.safetensors"
+    stored.write_bytes(b"corrupted after the upload was accepted")
+    r = httpx.post(f"{server.url}/v1/generate", json={"adapter": "corrupt-later", "prompt": PROMPT}, timeout=60)
+    assert r.status_code == 503 and r.headers.get("retry-after")
+    assert "failed to load" in r.json()["error"]["message"]
+    r = httpx.post(f"{server.url}/v1/generate", json={"prompt": PROMPT, "max_new_tokens": 2}, timeout=60)
+    assert r.status_code == 200
 
 
 @pytest.mark.parametrize(

@@ -22,8 +22,9 @@ def _weights(slots: int, max_rank: int, d_in: int, d_out: int, ranks: list[int],
     return a, b, scales
 
 
+@pytest.mark.parametrize("allow_padded", [False, True])
 @pytest.mark.parametrize("seed", range(6))
-def test_grouped_equals_reference(seed: int) -> None:
+def test_grouped_equals_reference(seed: int, allow_padded: bool) -> None:
     rng = random.Random(seed)
     num_slots, max_rank, d_in, d_out = 5, 16, 24, 40
     ranks = [0] + [rng.choice([0, 1, 4, 8, 16]) for _ in range(num_slots)]
@@ -33,7 +34,7 @@ def test_grouped_equals_reference(seed: int) -> None:
         slots = sorted(rng.choice(range(num_slots + 1)) for _ in range(tokens))
     else:
         slots = [rng.choice(range(num_slots + 1)) for _ in range(tokens)]
-    mapping = TokenSlotMapping.build(slots)
+    mapping = TokenSlotMapping.build(slots, allow_padded=allow_padded)
     x = torch.randn(tokens, d_in, generator=torch.Generator().manual_seed(seed))
     y0 = torch.randn(tokens, d_out, generator=torch.Generator().manual_seed(seed + 1))
     expected, got = y0.clone(), y0.clone()
@@ -43,6 +44,17 @@ def test_grouped_equals_reference(seed: int) -> None:
     # Base-slot tokens are untouched, to the bit.
     base_rows = [t for t, s in enumerate(slots) if s == 0]
     assert torch.equal(got[base_rows], y0[base_rows])
+
+
+def test_padded_layout_is_chosen_for_many_small_groups() -> None:
+    decode = TokenSlotMapping.build([1, 2, 3, 4, 5, 0, 6, 7, 8, 2])
+    assert decode.padded is not None and decode.padded.rows == 2 and (decode.padded.lo, decode.padded.hi) == (1, 9)
+    assert decode.padded.tokens.tolist() == [0, 1, 2, 3, 4, 6, 7, 8, 9]
+    assert decode.padded.row.tolist() == [0, 0, 0, 0, 0, 0, 0, 0, 1]
+    prefill = TokenSlotMapping.build([1] * 50 + [2, 3, 4, 5])  # one big group: padding would cost 5x
+    assert prefill.padded is None
+    few = TokenSlotMapping.build([1, 2, 1, 2])  # too few groups for padding to pay
+    assert few.padded is None
 
 
 def test_mapping_layouts() -> None:

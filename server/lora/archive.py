@@ -9,6 +9,7 @@ import gzip
 import os
 import re
 import stat
+import struct
 import tarfile
 import zipfile
 import zlib
@@ -132,7 +133,7 @@ class _Extractor:
                 if kind not in (0, stat.S_IFREG, stat.S_IFDIR):  # 0: written by a tool that stores no Unix mode
                     raise UnsafeArchive(f"member {_show(info.filename)} is a link or device file; only files allowed")
                 key = self._key(info.filename)
-                if info.is_dir() or key is None:
+                if key is None or info.is_dir():
                     continue
                 if info.flag_bits & 0x1:
                     raise UnsafeArchive(f"member {_show(info.filename)} is encrypted")
@@ -234,9 +235,12 @@ class _CappedReader:
 @contextmanager
 def _as_unsafe(what: str) -> Iterator[None]:
     """Errors of the zip/tar/gzip readers mean a broken or hostile archive, so they become UnsafeArchive."""
+    # NotImplementedError: an unknown zip compression method; UnicodeDecodeError: a zip member name that is not UTF-8.
+    # Fuzzing corrupted archives found these (and the OSError handled at zf.open) escaping the readers, nothing else.
+    broken = (zipfile.BadZipFile, tarfile.TarError, gzip.BadGzipFile, zlib.error, struct.error, EOFError)
     try:
         yield
-    except (zipfile.BadZipFile, tarfile.TarError, gzip.BadGzipFile, zlib.error, EOFError, NotImplementedError) as e:
+    except (*broken, NotImplementedError, UnicodeDecodeError) as e:
         raise UnsafeArchive(f"{what}: {e}") from e
 
 

@@ -11,6 +11,30 @@ import torch
 
 from server.lora.slots import BASE_SLOT
 
+# The padded layout pays for (slots in window) x (largest group) rows; use it while that is at most this many times
+# the adapter tokens, and only when there are enough groups for per-group calls to cost more than the padding.
+PADDING_BUDGET = 2
+MIN_GROUPS_FOR_PADDING = 4
+
+
+@dataclass(frozen=True)
+class PaddedSlots:
+    """Adapter tokens laid out as a [W, M] grid: slot window ``lo..hi`` (W = hi - lo) by ``rows`` (M) per slot.
+
+    Made for decode steps, where many slots have one or two tokens each: the LoRA add then takes two ``bmm`` calls
+    over the window instead of two matmuls per slot.
+    tokens:    [N] int64  flattened-token index of each adapter token
+    slot:      [N] int64  its slot minus ``lo``
+    row:       [N] int64  its rank among its slot's tokens
+    """
+
+    lo: int
+    hi: int
+    rows: int
+    tokens: torch.Tensor
+    slot: torch.Tensor
+    row: torch.Tensor
+
 
 @dataclass(frozen=True)
 class TokenSlotMapping:
@@ -21,12 +45,14 @@ class TokenSlotMapping:
     gathered:    False when every adapter slot's tokens already form one run of consecutive tokens; segments then
                  index the tokens directly. True otherwise; segments then index ``x[order]``.
     order:       [N] int64 on the device, adapter-token positions sorted by slot (stable); empty unless gathered.
+    padded:      the [slots, rows] layout when it is cheaper than per-slot calls (many small groups), else None.
     """
 
     token_slots: torch.Tensor
     segments: tuple[tuple[int, int, int], ...]
     gathered: bool
     order: torch.Tensor
+    padded: PaddedSlots | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -37,8 +63,11 @@ class TokenSlotMapping:
         return frozenset(slot for slot, _, _ in self.segments)
 
     @classmethod
-    def build(cls, slots: Sequence[int], device: torch.device | str = "cpu") -> "TokenSlotMapping":
+    def build(
+        cls, slots: Sequence[int], device: torch.device | str = "cpu", allow_padded: bool = True
+    ) -> "TokenSlotMapping":
         """Mapping for tokens whose slots are ``slots`` (host ints, one per flattened token)."""
+        padded = _padded(slots, device) if allow_padded else None
         runs: list[tuple[int, int, int]] = []
         for t, slot in enumerate(slots):
             if runs and runs[-1][0] == slot and runs[-1][2] == t:
@@ -49,7 +78,9 @@ class TokenSlotMapping:
         distinct = {slot for slot, _, _ in adapter_runs}
         token_slots = torch.tensor(list(slots), dtype=torch.int64, device=device)
         if len(adapter_runs) == len(distinct):
-            return cls(token_slots, tuple(adapter_runs), False, torch.empty(0, dtype=torch.int64, device=device))
+            return cls(
+                token_slots, tuple(adapter_runs), False, torch.empty(0, dtype=torch.int64, device=device), padded
+            )
         by_slot: dict[int, list[int]] = {}
         for t, slot in enumerate(slots):
             if slot != BASE_SLOT:
@@ -60,7 +91,8 @@ class TokenSlotMapping:
             positions = by_slot[slot]
             segments.append((slot, len(order), len(order) + len(positions)))
             order.extend(positions)
-        return cls(token_slots, tuple(segments), True, torch.tensor(order, dtype=torch.int64, device=device))
+        order_t = torch.tensor(order, dtype=torch.int64, device=device)
+        return cls(token_slots, tuple(segments), True, order_t, padded)
 
     @classmethod
     def for_rows(cls, row_slots: Sequence[int], row_lengths: Sequence[int], device: torch.device | str = "cpu"):
@@ -69,6 +101,29 @@ class TokenSlotMapping:
             raise ValueError("row_slots and row_lengths must have the same length")
         flat = [slot for slot, n in zip(row_slots, row_lengths, strict=True) for _ in range(n)]
         return cls.build(flat, device)
+
+
+def _padded(slots: Sequence[int], device: torch.device | str) -> PaddedSlots | None:
+    counts: dict[int, int] = {}
+    tokens: list[int] = []
+    slot_of: list[int] = []
+    row_of: list[int] = []
+    for t, slot in enumerate(slots):
+        if slot != BASE_SLOT:
+            row_of.append(counts.get(slot, 0))
+            counts[slot] = row_of[-1] + 1
+            tokens.append(t)
+            slot_of.append(slot)
+    if len(counts) < MIN_GROUPS_FOR_PADDING:
+        return None
+    lo, hi, rows = min(counts), max(counts) + 1, max(counts.values())
+    if (hi - lo) * rows > PADDING_BUDGET * len(tokens):
+        return None
+
+    def tensor(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=device)
+
+    return PaddedSlots(lo, hi, rows, tensor(tokens), tensor([s - lo for s in slot_of]), tensor(row_of))
 
 
 class LoraContext:

@@ -6,7 +6,9 @@ Two implementations with identical semantics; one is chosen once at startup (``s
   (``T x R x in`` floats); it is the yardstick every fast op is tested against.
 - ``lora_add_grouped``: tokens are grouped by slot once per step (``TokenSlotMapping``), gathered into slot order,
   and each slot's segment gets two small dense matmuls sliced to that slot's true rank. This is the SGMV layout of
-  Punica/LoRAX written with torch matmuls, which is what wins on CPU.
+  Punica/LoRAX written with torch matmuls, which is what wins on CPU. When a step has many small groups (decode
+  with many adapters) the mapping instead lays tokens out as a [slots, rows] grid and the add is two ``bmm`` calls
+  over the window of slots in use, so the cost no longer grows with one dispatch per adapter.
 
 Layouts (per wrapped linear layer, ``S`` adapter slots plus ``BASE_SLOT`` 0, max rank ``R``):
     A:      [S+1, R, in]   rows past an adapter's rank are zero
@@ -20,7 +22,7 @@ from typing import Protocol
 
 import torch
 
-from server.lora.mapping import TokenSlotMapping
+from server.lora.mapping import PaddedSlots, TokenSlotMapping
 
 
 class LoraAddOp(Protocol):
@@ -73,6 +75,9 @@ def lora_add_grouped(
     """
     if not mapping.segments:
         return
+    if mapping.padded is not None:
+        _lora_add_padded(y, x, a, b, scales, ranks, mapping.padded)
+        return
     if mapping.gathered:
         xs = x.index_select(0, mapping.order)  # [N, in] adapter tokens in slot order
         out = torch.zeros((xs.shape[0], y.shape[1]), dtype=y.dtype, device=y.device)  # [N, out]
@@ -87,6 +92,28 @@ def lora_add_grouped(
         out[start:end].addmm_(xa, b[slot, :r])  # [n, out]
     if mapping.gathered:
         y.index_add_(0, mapping.order, out)
+
+
+def _lora_add_padded(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scales: torch.Tensor,
+    ranks: Sequence[int],
+    padded: PaddedSlots,
+) -> None:
+    """The same add over a [W slots, M rows] grid of adapter tokens: two bmm calls for the whole window."""
+    lo, hi = padded.lo, padded.hi
+    r = max(ranks[lo:hi])
+    if r == 0:
+        return
+    grid = x.new_zeros((hi - lo, padded.rows, x.shape[1]))  # [W, M, in]
+    grid[padded.slot, padded.row] = x.index_select(0, padded.tokens)
+    xa = torch.bmm(grid, a[lo:hi, :r].transpose(1, 2))  # [W, M, r]; rows past a slot's rank are zero
+    xa.mul_(scales[lo:hi].view(-1, 1, 1))
+    out = torch.bmm(xa, b[lo:hi, :r])  # [W, M, out]
+    y.index_add_(0, padded.tokens, out[padded.slot, padded.row])
 
 
 LORA_OPS: dict[str, LoraAddOp] = {
