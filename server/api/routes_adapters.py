@@ -25,16 +25,7 @@ _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 
 
 
 def _info(service: Service, record: AdapterRecord) -> AdapterInfo:
-    return AdapterInfo(
-        name=record.name,
-        rank=record.rank,
-        alpha=record.alpha,
-        target_modules=record.target_modules,
-        size_bytes=record.size_bytes,
-        sha256=record.sha256,
-        created_at=record.created_at,
-        state=service.adapter_state(record.name),  # type: ignore[arg-type]
-    )
+    return AdapterInfo.model_validate({**record.to_json(), "state": service.adapter_state(record.name)})
 
 
 def _as_api_error(exc: Exception) -> ApiError:

@@ -28,7 +28,7 @@ from server.api.openai_schemas import (
     ModelList,
 )
 from server.api.schemas import ErrorResponse
-from server.engine.handle import RequestHandle
+from server.engine.handle import RequestHandle, RequestResult
 from server.engine.request import FinishReason
 from server.service import Service
 
@@ -62,6 +62,12 @@ def _start(service: Service, body: CompletionRequest | ChatCompletionRequest, pr
     return submit(service, prompt_ids, _adapter_for(service, body.model), params)
 
 
+def _usage(result: RequestResult) -> CompletionUsage:
+    total = result.prompt_tokens + result.completion_tokens
+    return CompletionUsage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                           total_tokens=total)  # fmt: skip
+
+
 def _sse(chunk: BaseModel | str) -> str:
     return f"data: {chunk if isinstance(chunk, str) else chunk.model_dump_json()}\n\n"
 
@@ -78,11 +84,7 @@ async def completions(body: CompletionRequest, request: Request):
     prefix = prompt if body.echo else ""
     if not body.stream:
         result = await run_to_completion(handle)
-        usage = CompletionUsage(
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
-            total_tokens=result.prompt_tokens + result.completion_tokens,
-        )
+        usage = _usage(result)
         choice = CompletionChoice(text=prefix + result.text, finish_reason=_reason(result.finish_reason))  # type: ignore[arg-type]
         return CompletionResponse(id=cid, created=created, model=body.model, choices=[choice], usage=usage)
     first, rest = await prime(handle)
@@ -115,11 +117,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
     if not body.stream:
         result = await run_to_completion(handle)
-        usage = CompletionUsage(
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
-            total_tokens=result.prompt_tokens + result.completion_tokens,
-        )
+        usage = _usage(result)
         choice = ChatChoice(message=ChatChoiceMessage(content=result.text), finish_reason=_reason(result.finish_reason))  # type: ignore[arg-type]
         return ChatCompletionResponse(id=cid, created=created, model=body.model, choices=[choice], usage=usage)
     first, rest = await prime(handle)
