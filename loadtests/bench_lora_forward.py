@@ -55,15 +55,18 @@ def make_adapters(base_dir: Path, out: Path, count: int, rank: int) -> tuple[tor
     return peft_model, names
 
 
-def timed(fn: Callable[[], torch.Tensor], repeats: int) -> tuple[float, torch.Tensor]:
-    fn()  # warm-up
-    times, out = [], None
+def timed(contenders: dict[str, Callable[[], torch.Tensor]], repeats: int) -> dict[str, tuple[float, torch.Tensor]]:
+    """Median seconds of each contender, the contenders interleaved in every round so drift hits them all alike."""
+    for fn in contenders.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    outs: dict[str, torch.Tensor] = {}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    assert out is not None
-    return statistics.median(times), out
+        for name, fn in contenders.items():
+            t0 = time.perf_counter()
+            outs[name] = fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: (statistics.median(times[name]), outs[name]) for name in contenders}
 
 
 def main() -> None:
@@ -73,7 +76,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--adapters", type=int, default=32)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--op", default="auto")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
@@ -108,10 +111,9 @@ def main() -> None:
         with torch.inference_mode():
             return peft_model(input_ids=input_ids, adapter_names=row_names, use_cache=False).logits
 
-    t_plain, plain_logits = timed(run_plain, args.repeats)
-    t_ours_base, _ = timed(run_ours_base, args.repeats)
-    t_ours, ours_logits = timed(run_ours, args.repeats)
-    t_peft, peft_logits = timed(run_peft, args.repeats)
+    results = timed({"plain": run_plain, "ours_base": run_ours_base, "ours": run_ours, "peft": run_peft}, args.repeats)
+    (t_plain, plain_logits), (t_ours_base, _) = results["plain"], results["ours_base"]
+    (t_ours, ours_logits), (t_peft, peft_logits) = results["ours"], results["peft"]
     max_diff = float((ours_logits - peft_logits).abs().max())
     lora_effect = float((ours_logits - plain_logits).abs().max())  # proves the adapters did something
 

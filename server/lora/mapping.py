@@ -13,8 +13,11 @@ from server.lora.slots import BASE_SLOT
 
 # The padded layout pays for (slots in window) x (largest group) rows; use it while that is at most this many times
 # the adapter tokens, and only when there are enough groups for per-group calls to cost more than the padding.
+# Large groups (prompt chunks) run best as plain per-slot matmuls, so groups of more than MAX_PADDED_ROWS tokens
+# never take the padded layout.
 PADDING_BUDGET = 2
 MIN_GROUPS_FOR_PADDING = 4
+MAX_PADDED_ROWS = 8
 
 
 @dataclass(frozen=True)
@@ -117,7 +120,7 @@ def _padded(slots: Sequence[int], device: torch.device | str) -> PaddedSlots | N
     if len(counts) < MIN_GROUPS_FOR_PADDING:
         return None
     lo, hi, rows = min(counts), max(counts) + 1, max(counts.values())
-    if (hi - lo) * rows > PADDING_BUDGET * len(tokens):
+    if rows > MAX_PADDED_ROWS or (hi - lo) * rows > PADDING_BUDGET * len(tokens):
         return None
 
     def tensor(values: list[int]) -> torch.Tensor:

@@ -78,20 +78,21 @@ def lora_add_grouped(
     if mapping.padded is not None:
         _lora_add_padded(y, x, a, b, scales, ranks, mapping.padded)
         return
-    if mapping.gathered:
-        xs = x.index_select(0, mapping.order)  # [N, in] adapter tokens in slot order
-        out = torch.zeros((xs.shape[0], y.shape[1]), dtype=y.dtype, device=y.device)  # [N, out]
-    else:
-        xs, out = x, y  # each slot's tokens are already one run of x: no gather, no scatter
+    if not mapping.gathered:  # each slot's tokens are already one run of x: add in place, no gather or scatter
+        for slot, start, end in mapping.segments:
+            if r := ranks[slot]:
+                xa = (x[start:end] @ a[slot, :r].T).mul_(scales[slot])  # [n, r]
+                y[start:end].addmm_(xa, b[slot, :r])  # [n, out]
+        return
+    xs = x.index_select(0, mapping.order)  # [N, in] adapter tokens in slot order
+    out = torch.empty((xs.shape[0], y.shape[1]), dtype=y.dtype, device=y.device)  # [N, out]; segments cover it
     for slot, start, end in mapping.segments:
-        r = ranks[slot]
-        if r == 0:
-            continue
-        xa = xs[start:end] @ a[slot, :r].T  # [n, r]
-        xa.mul_(scales[slot])
-        out[start:end].addmm_(xa, b[slot, :r])  # [n, out]
-    if mapping.gathered:
-        y.index_add_(0, mapping.order, out)
+        if r := ranks[slot]:
+            xa = (xs[start:end] @ a[slot, :r].T).mul_(scales[slot])
+            torch.mm(xa, b[slot, :r], out=out[start:end])
+        else:
+            out[start:end].zero_()
+    y.index_add_(0, mapping.order, out)
 
 
 def _lora_add_padded(
