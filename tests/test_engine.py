@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from server.engine import engine as engine_module
 from server.engine.engine import Engine, EngineConfig, RequestError
 from server.engine.request import FinishReason
 from server.engine.sampling import SamplingParams
@@ -250,3 +251,27 @@ def test_async_streaming_on_the_engine_thread(setup) -> None:
     ):
         assert tokens == peft_greedy(reference, prompt, adapter, 8)
         assert text == engine.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def test_a_failing_step_fails_its_requests_and_the_loop_keeps_serving(setup, monkeypatch) -> None:
+    model_dir, adapters, _ = setup
+    engine = make_engine(model_dir, adapters)
+    real_sample = engine_module.sample
+    calls = {"n": 0}
+
+    def flaky_sample(logits, samplers):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return real_sample(logits, samplers)
+
+    monkeypatch.setattr(engine_module, "sample", flaky_sample)
+    engine.start()
+    try:
+        failed = engine.submit([1, 2, 3], None, SamplingParams(max_new_tokens=3, ignore_eos=True)).result()
+        assert failed.finish_reason == FinishReason.ERROR and "boom" in (failed.error or "")
+        ok = engine.submit([1, 2, 3], "a0", SamplingParams(max_new_tokens=3, ignore_eos=True)).result()
+        assert ok.finish_reason == FinishReason.LENGTH
+        assert engine.scheduler.num_running == 0
+    finally:
+        engine.shutdown()

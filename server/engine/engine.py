@@ -7,6 +7,7 @@ stream, free finished rows).
 
 import asyncio
 import itertools
+import logging
 import threading
 import time
 import uuid
@@ -27,6 +28,8 @@ from server.engine.stats import EngineStats, FinishedRecord
 from server.lora.prefetch import AdapterPrefetcher
 from server.lora.slot_cache import SlotCache
 from server.model.lora_model import LoraModel
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -284,8 +287,21 @@ class Engine:
                     self._wake.wait()
                 if self._stopping:
                     return
-            if self.step() == 0 and self.scheduler.has_work():
+            try:
+                idle = self.step() == 0
+            except Exception as exc:  # noqa: BLE001 - the loop must survive; the requests in flight cannot
+                log.exception("engine step failed")
+                self._fail_all(f"engine error: {exc}")
+                continue
+            if idle and self.scheduler.has_work():
                 time.sleep(0.001)  # everything waits on an adapter read: do not spin
+
+    def _fail_all(self, error: str) -> None:
+        """Finish every request the engine holds with an error (after an unexpected failure in a step)."""
+        self._take_inbox()
+        for live in list(self._live.values()):
+            if live.seq.finish_reason is None:
+                self._finish(live, FinishReason.ERROR, error=error)
 
 
 def _eos_ids(model: LoraModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
