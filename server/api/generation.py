@@ -56,18 +56,22 @@ async def run_to_completion(handle: RequestHandle) -> RequestResult:
     return collect(outputs)
 
 
-async def stream_outputs(handle: RequestHandle) -> AsyncIterator[RequestOutput]:
-    """The handle's outputs; the first one is awaited by the caller before the response starts (see ``prime``)."""
-    async for output in handle:
-        yield output
-
-
-async def prime(handle: RequestHandle) -> tuple[RequestOutput, AsyncIterator[RequestOutput]]:
-    """Wait for the first output so a failure still answers with a status code, not a broken stream."""
-    stream = stream_outputs(handle)
-    first = await anext(stream)
+async def stream(handle: RequestHandle) -> AsyncIterator[RequestOutput]:
+    """The handle's outputs, after waiting for the first one so a failure still answers with a status code
+    (503) instead of a broken stream."""
+    outputs = aiter(handle)
+    first = await anext(outputs)
     raise_if_failed(first)
-    return first, stream
+
+    async def chained() -> AsyncIterator[RequestOutput]:
+        try:
+            yield first
+            async for output in outputs:
+                yield output
+        finally:
+            await outputs.aclose()  # a client that went away cancels its request now, not at garbage collection
+
+    return chained()
 
 
 def public_reason(reason: FinishReason) -> str:

@@ -6,9 +6,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from server.api.auth import require_inference
-from server.api.generation import prime, public_reason, run_to_completion, sampling_params, submit, tokenize
+from server.api.generation import public_reason, run_to_completion, sampling_params, stream, submit, tokenize
 from server.api.schemas import ErrorResponse, GenerateRequest, GenerateResponse, StreamEvent, StreamToken, Usage
-from server.engine.handle import RequestOutput
 from server.service import Service
 
 router = APIRouter(dependencies=[Depends(require_inference)])
@@ -48,15 +47,10 @@ async def generate(body: GenerateRequest, request: Request):
             finish_reason=public_reason(result.finish_reason),
             usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens),
         )
-    first, rest = await prime(handle)
+    outputs = await stream(handle)
 
     async def events() -> AsyncIterator[str]:
-        async def all_outputs() -> AsyncIterator[RequestOutput]:
-            yield first
-            async for output in rest:
-                yield output
-
-        async for out in all_outputs():
+        async for out in outputs:
             for i, token in enumerate(out.token_ids):  # the delta rides on the step's (only) token
                 text = out.text if i == len(out.token_ids) - 1 else ""
                 event = StreamEvent(id=out.request_id, token=StreamToken(id=token, text=text))

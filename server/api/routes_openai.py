@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from server.api.auth import require_inference
 from server.api.errors import ApiError
-from server.api.generation import prime, run_to_completion, sampling_params, submit, tokenize
+from server.api.generation import run_to_completion, sampling_params, stream, submit, tokenize
 from server.api.openai_schemas import (
     ChatChoice,
     ChatChoiceMessage,
@@ -87,19 +87,15 @@ async def completions(body: CompletionRequest, request: Request):
         usage = _usage(result)
         choice = CompletionChoice(text=prefix + result.text, finish_reason=_reason(result.finish_reason))  # type: ignore[arg-type]
         return CompletionResponse(id=cid, created=created, model=body.model, choices=[choice], usage=usage)
-    first, rest = await prime(handle)
+    outputs = await stream(handle)
 
     async def events() -> AsyncIterator[str]:
         if prefix:
             yield _sse(CompletionResponse(id=cid, created=created, model=body.model,
                                           choices=[CompletionChoice(text=prefix, finish_reason=None)]))  # fmt: skip
-        out = first
-        while True:
+        async for out in outputs:
             choice = CompletionChoice(text=out.text, finish_reason=_reason(out.finish_reason))  # type: ignore[arg-type]
             yield _sse(CompletionResponse(id=cid, created=created, model=body.model, choices=[choice]))
-            if out.finished:
-                break
-            out = await anext(rest)
         yield _sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -120,7 +116,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         usage = _usage(result)
         choice = ChatChoice(message=ChatChoiceMessage(content=result.text), finish_reason=_reason(result.finish_reason))  # type: ignore[arg-type]
         return ChatCompletionResponse(id=cid, created=created, model=body.model, choices=[choice], usage=usage)
-    first, rest = await prime(handle)
+    outputs = await stream(handle)
 
     def chunk(delta: ChatDelta, reason: str | None = None) -> str:
         choice = ChatChunkChoice(delta=delta, finish_reason=reason)  # type: ignore[arg-type]
@@ -128,14 +124,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
     async def events() -> AsyncIterator[str]:
         yield chunk(ChatDelta(role="assistant", content=""))
-        out = first
-        while True:
+        async for out in outputs:
             if out.text:
                 yield chunk(ChatDelta(content=out.text))
             if out.finished:
                 yield chunk(ChatDelta(), _reason(out.finish_reason))
-                break
-            out = await anext(rest)
         yield _sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

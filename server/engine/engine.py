@@ -24,7 +24,7 @@ from server.engine.model_runner import ModelRunner, SequenceChunk
 from server.engine.request import FinishReason, Sequence
 from server.engine.sampling import RowSampler, SamplingParams, sample
 from server.engine.scheduler import Scheduler
-from server.engine.stats import EngineStats, FinishedRecord
+from server.engine.stats import FinishedRecord, finished_record
 from server.lora.prefetch import AdapterPrefetcher
 from server.lora.slot_cache import SlotCache
 from server.model.lora_model import LoraModel
@@ -88,7 +88,6 @@ class Engine:
             self.prefetcher,
             config.starvation_steps,
         )
-        self.stats = EngineStats()
         # Observers (the metrics exporter): called on the engine thread, so they must be quick.
         self.on_finish: list[Callable[[FinishedRecord], None]] = []
         self.on_step: list[Callable[[int], None]] = []
@@ -159,7 +158,6 @@ class Engine:
         plan = self.scheduler.schedule()
         for seq in plan.aborted:
             self._finish_aborted(seq)
-        self.stats.record_step(len(plan.scheduled), plan.num_tokens, self.scheduler.num_waiting)
         for observe in self.on_step:
             observe(plan.num_tokens)
         if not plan.scheduled:
@@ -237,7 +235,7 @@ class Engine:
         delta = text[live.emitted :] if len(text) > live.emitted else ""
         live.emitted = len(text)
         self._live.pop(seq.request_id, None)
-        record = self.stats.record_finish(seq)
+        record = finished_record(seq)
         for observe in self.on_finish:
             observe(record)
         live.handle._push(
