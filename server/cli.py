@@ -46,7 +46,7 @@ def serve(flags: list[str]) -> int:
 
     service = Service(settings)
     uvicorn.run(create_app(service), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=30)  # fmt: skip
+                timeout_graceful_shutdown=settings.drain_timeout)  # fmt: skip
     return 0
 
 

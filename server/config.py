@@ -35,10 +35,19 @@ class Settings(BaseSettings):
     max_seq_len: int = Field(2048, ge=16, le=1_000_000, description="prompt + generated tokens of one request")
     max_tokens_per_step: int = Field(2048, ge=1, description="token budget of one engine step")
     max_queue: int = Field(256, ge=1, description="waiting requests before new ones get 429")
+    max_prompt_tokens: int | None = Field(None, ge=1, description="per-request prompt limit; default max_seq_len - 1")
+    max_new_tokens: int | None = Field(None, ge=1, description="per-request generation limit; default max_seq_len - 1")
+    request_timeout: float | None = Field(
+        600.0, gt=0, description="seconds from arrival to the last token; a request past it ends (504 or 'timeout')"
+    )
     max_upload_bytes: int = Field(512 * 2**20, ge=1024, description="largest adapter upload body")
+    max_request_bytes: int = Field(4 * 2**20, ge=1024, description="largest body of any other request")
+    drain_timeout: int = Field(30, ge=0, description="on SIGTERM, seconds running requests get to finish")
     metrics_adapter_labels: int = Field(100, ge=1, description="distinct adapter label values in metrics")
     api_key: SecretStr | None = Field(None, description="key for inference endpoints (Bearer token)")
     admin_key: SecretStr | None = Field(None, description="key for adapter upload and delete")
+    health_requires_key: bool = Field(False, description="/health and /ready need the API key too")
+    metrics_requires_key: bool = Field(False, description="/metrics needs the API key too")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @model_validator(mode="after")

@@ -130,3 +130,50 @@ def test_refuses_an_adapter_for_a_different_base(model: LoraModel, tmp_path: Pat
 def test_missing_folder(model: LoraModel, tmp_path: Path) -> None:
     with pytest.raises(AdapterFormatError, match="does not exist"):
         read_adapter(tmp_path / "nope", model.modules, 8, torch.float32)
+
+
+def _header_lies(folder: Path, header: bytes, declared: int | None = None, data: bytes = b"") -> None:
+    """Write a safetensors file by hand: 8-byte little-endian header length, JSON header, data."""
+    length = len(header) if declared is None else declared
+    (folder / WEIGHTS_FILE).write_bytes(length.to_bytes(8, "little") + header + data)
+
+
+def _lying_entry(**entry: object) -> bytes:
+    return json.dumps({Q_KEY: {"dtype": "F32", "shape": [8, 64], "data_offsets": [0, 8 * 64 * 4], **entry}}).encode()
+
+
+HOSTILE: dict[str, Callable[[Path], None]] = {
+    "header length beyond the file": lambda f: _header_lies(f, b"{}", declared=2**62),
+    "header length of a huge header": lambda f: _header_lies(f, b"{" + b" " * 64 + b"}", declared=200 * 2**20),
+    "header not json": lambda f: _header_lies(f, b"not json at all"),
+    "offsets past the data": lambda f: _header_lies(f, _lying_entry(), data=b"\0" * 16),
+    "offsets reversed": lambda f: _header_lies(f, _lying_entry(data_offsets=[64, 0]), data=b"\0" * 2048),
+    "shape disagrees with bytes": lambda f: _header_lies(f, _lying_entry(shape=[800, 64]), data=b"\0" * 2048),
+    "unknown dtype": lambda f: _header_lies(f, _lying_entry(dtype="Q9"), data=b"\0" * 2048),
+    "truncated file": lambda f: (f / WEIGHTS_FILE).write_bytes((f / WEIGHTS_FILE).read_bytes()[:-100]),
+    "empty file": lambda f: (f / WEIGHTS_FILE).write_bytes(b""),
+    "inf weights": lambda f: _edit_tensors(f, lambda t: t[Q_KEY].__setitem__((0, 0), float("inf"))),
+    "wrong in_features": lambda f: _edit_tensors(f, lambda t: t.update({Q_KEY: torch.zeros(8, 65)})),
+    "three dimensional": lambda f: _edit_tensors(f, lambda t: t.update({Q_KEY: torch.zeros(8, 64, 1)})),
+    "rank zero": lambda f: _edit_config(f, r=0),
+    "negative rank": lambda f: _edit_config(f, r=-8),
+    "rank as text": lambda f: _edit_config(f, r="8"),
+    "absurd rank": lambda f: _edit_config(f, r=10**12),
+    "nan alpha": lambda f: _edit_config(f, lora_alpha=float("nan")),
+    "infinite alpha": lambda f: _edit_config(f, lora_alpha=float("inf")),
+    "alpha as list": lambda f: _edit_config(f, lora_alpha=[1]),
+    "target modules as number": lambda f: _edit_config(f, target_modules=7),
+    "unknown peft type": lambda f: _edit_config(f, peft_type="PREFIX_TUNING"),
+    "config is a list": lambda f: (f / CONFIG_FILE).write_text("[]"),
+    "config not json": lambda f: (f / CONFIG_FILE).write_text("{'r': 8"),
+    "rank pattern absurd": lambda f: _edit_config(f, rank_pattern={"q_proj": 10**9}),
+    "alpha pattern nan": lambda f: _edit_config(f, alpha_pattern={"q_proj": float("nan")}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_files_are_refused_with_an_adapter_error(case: str, model: LoraModel, adapter: Path) -> None:
+    """Whatever the file claims, reading it ends in an AdapterError (a 422 over HTTP), never another exception."""
+    HOSTILE[case](adapter)
+    with pytest.raises((AdapterFormatError, AdapterMismatchError, UnsupportedAdapterError)):
+        model.read_adapter(adapter)

@@ -275,3 +275,54 @@ def test_a_failing_step_fails_its_requests_and_the_loop_keeps_serving(setup, mon
         assert engine.scheduler.num_running == 0
     finally:
         engine.shutdown()
+
+
+def test_out_of_memory_fails_the_batch_with_a_clear_error_and_serving_goes_on(setup, monkeypatch) -> None:
+    model_dir, adapters, _ = setup
+    engine = make_engine(model_dir, adapters)
+    real_run = engine.runner._run
+    calls = {"n": 0}
+
+    def oom_once(chunks):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_run(chunks)
+
+    monkeypatch.setattr(engine.runner, "_run", oom_once)
+    engine.start()
+    try:
+        failed = engine.submit([1, 2, 3], "a0", SamplingParams(max_new_tokens=3, ignore_eos=True)).result()
+        assert failed.finish_reason == FinishReason.ERROR
+        assert "out of accelerator memory" in (failed.error or "") and "2.00 GiB" in (failed.error or "")
+        ok = engine.submit([1, 2, 3], "a0", SamplingParams(max_new_tokens=3, ignore_eos=True)).result()
+        assert ok.finish_reason == FinishReason.LENGTH and engine.scheduler.num_running == 0
+        assert engine.slot_cache.pin_count("a0") == 0
+    finally:
+        engine.shutdown()
+
+
+def test_deadlines_and_per_request_limits(setup) -> None:
+    model_dir, adapters, _ = setup
+    engine = make_engine(model_dir, adapters, max_batch_size=1, max_prompt_tokens=8, max_new_tokens=50)
+    with pytest.raises(RequestError, match="limit is 8"):
+        engine.submit(list(range(1, 10)), None, SamplingParams(max_new_tokens=2))
+    with pytest.raises(RequestError, match="limit is 50"):
+        engine.submit([1, 2], None, SamplingParams(max_new_tokens=51))
+    long = SamplingParams(max_new_tokens=50, ignore_eos=True)
+    running = engine.submit([1, 2, 3], None, long)
+    waiting = engine.submit([1, 2, 3], "a1", long, timeout=0.05)  # waits for the only row, past its deadline
+    for _ in range(3):
+        engine.step()
+    time.sleep(0.06)
+    run_until_done(engine)
+    assert running.result().finish_reason == FinishReason.LENGTH
+    timed_out = waiting.result()
+    assert timed_out.finish_reason == FinishReason.TIMEOUT and timed_out.completion_tokens == 0
+    mid = engine.submit([1, 2, 3], None, long, timeout=0.05)
+    engine.step()
+    time.sleep(0.06)
+    run_until_done(engine)
+    result = mid.result()
+    assert result.finish_reason == FinishReason.TIMEOUT and 0 < result.completion_tokens < 50
+    assert engine.scheduler.num_running == 0 and not engine.has_work()

@@ -468,3 +468,34 @@ def test_index_write_is_atomic(
     assert not list(registry.data_dir.glob(".index-*"))
     again = AdapterRegistry(registry.data_dir, validator)
     assert [r.name for r in again.list()] == ["old"]
+
+
+@pytest.mark.parametrize("stage", ["weights", "index"])
+def test_disk_full_leaves_nothing(
+    registry: AdapterRegistry, validator: FakeValidator, monkeypatch: pytest.MonkeyPatch, stage: str
+) -> None:
+    import errno
+
+    from server.lora import registry as registry_module
+
+    add(registry, "before")
+    full = OSError(errno.ENOSPC, "No space left on device")
+    if stage == "weights":
+        real = registry_module.receive_file
+
+        def receive(src, path, limit, what, **kw):  # the weights file hits the full disk halfway
+            if path.name == "adapter_model.safetensors":
+                path.write_bytes(b"partial")
+                raise full
+            return real(src, path, limit, what, **kw)
+
+        monkeypatch.setattr(registry_module, "receive_file", receive)
+    else:
+        monkeypatch.setattr(registry_module.json, "dump", lambda *a, **k: (_ for _ in ()).throw(full))
+    with pytest.raises(registry_module.StorageFull, match="full"):
+        add(registry, "after")
+    monkeypatch.undo()
+    assert_nothing_left(registry, "after")
+    assert not list(registry.data_dir.glob(".index-*"))
+    reopened = AdapterRegistry(registry.data_dir, validator)
+    assert [r.name for r in reopened.list()] == ["before"] and "after" not in reopened

@@ -2,7 +2,7 @@
 
 Keys arrive as ``Authorization: Bearer <key>`` and are compared in constant time; they are never logged. The admin
 key also works for inference. With no key configured, the endpoint is open (and the server binds to 127.0.0.1 by
-default).
+default). ``/health``, ``/ready`` and ``/metrics`` are open unless the settings say they need a key.
 """
 
 import hmac
@@ -52,3 +52,15 @@ def require_admin(request: Request) -> None:
         return
     if not _matches(_presented(request), key):
         raise ApiError(403 if _presented(request) else 401, "forbidden", "the admin key is required for this endpoint")
+
+
+def require_health_key(request: Request) -> None:
+    """``/health`` and ``/ready`` are open unless ``health_requires_key`` is set (then any valid key works)."""
+    if request.app.state.service.settings.health_requires_key:
+        require_inference(request)
+
+
+def require_metrics_key(request: Request) -> None:
+    """``/metrics`` is open unless ``metrics_requires_key`` is set (Prometheus then sends the key as a bearer token)."""
+    if request.app.state.service.settings.metrics_requires_key:
+        require_inference(request)

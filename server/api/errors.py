@@ -4,10 +4,14 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before its answer was ready; nothing is left to answer."""
 
 
 class ApiError(Exception):
@@ -34,6 +38,7 @@ _HTTP_TYPES = {
     422: "invalid_request",
     429: "queue_full",
     503: "unavailable",
+    504: "timeout",
 }
 
 
@@ -54,6 +59,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         headers = getattr(exc, "headers", None)
         return error_response(exc.status_code, _HTTP_TYPES.get(exc.status_code, "error"), str(exc.detail), headers)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(_: Request, exc: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it, the access log does
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -3,7 +3,9 @@
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 
-from server.api.errors import ApiError
+from fastapi import Request
+
+from server.api.errors import ApiError, ClientDisconnected
 from server.engine.engine import QueueFullError, RequestError, UnknownAdapterError
 from server.engine.handle import RequestHandle, RequestOutput, RequestResult, collect
 from server.engine.request import FinishReason
@@ -45,15 +47,42 @@ def submit(service: Service, prompt_ids: Sequence[int], adapter: str | None, par
 
 
 def raise_if_failed(output: RequestOutput) -> None:
-    """A request the engine could not serve (its adapter failed to load, a model error) answers 503."""
+    """A request the engine could not serve (its adapter failed to load, a model error, out of accelerator memory)
+    answers 503; one that ran out of time answers 504."""
     if output.finish_reason is FinishReason.ERROR:
         raise ApiError(503, "unavailable", output.error or "the request could not be served", {"Retry-After": "5"})
+    if output.finish_reason is FinishReason.TIMEOUT:
+        raise ApiError(504, "timeout", output.error or "the request did not finish in time")
 
 
-async def run_to_completion(handle: RequestHandle) -> RequestResult:
-    outputs = [output async for output in handle]
+async def run_to_completion(handle: RequestHandle, request: Request) -> RequestResult:
+    """Wait for the whole answer; a client that disconnects first cancels the request (its row and adapter pin are
+    freed at the next step) instead of leaving it to run for nobody."""
+
+    async def gather() -> list[RequestOutput]:
+        return [output async for output in handle]
+
+    collecting = asyncio.ensure_future(gather())
+    watching = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({collecting, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+    if not collecting.done():
+        handle.cancel()
+        collecting.cancel()
+        raise ClientDisconnected
+    outputs = collecting.result()
     raise_if_failed(outputs[-1])
     return collect(outputs)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects. The body has been read, so the next ASGI message is the disconnect."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 async def stream(handle: RequestHandle) -> AsyncIterator[RequestOutput]:
@@ -75,5 +104,6 @@ async def stream(handle: RequestHandle) -> AsyncIterator[RequestOutput]:
 
 
 def public_reason(reason: FinishReason) -> str:
-    """Our API's finish reasons: length | stop | eos (a cancelled request has no client left to read it)."""
-    return reason.value if reason in (FinishReason.LENGTH, FinishReason.STOP, FinishReason.EOS) else "stop"
+    """Our API's finish reasons: length | stop | eos, and timeout | error for a stream that had to end early (a
+    cancelled request has no client left to read it)."""
+    return "stop" if reason is FinishReason.CANCELLED else reason.value

@@ -17,6 +17,7 @@ class _Request(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     stream: bool = False
+    ignore_eos: bool = Field(False, description="extension (as in vLLM): keep generating past end-of-sequence tokens")
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:

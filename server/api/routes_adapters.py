@@ -16,12 +16,13 @@ from server.lora.registry import (
     BadArchive,
     InvalidAdapterName,
     RegistryError,
+    StorageFull,
     UploadTooLarge,
 )
 from server.service import Service
 
 router = APIRouter()
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 422)}
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 422, 507)}
 
 
 def _info(service: Service, record: AdapterRecord) -> AdapterInfo:
@@ -38,6 +39,8 @@ def _as_api_error(exc: Exception) -> ApiError:
             return ApiError(404, "not_found", str(exc).strip("'\""))
         case UploadTooLarge():
             return ApiError(413, "too_large", str(exc))
+        case StorageFull():
+            return ApiError(507, "insufficient_storage", str(exc))
         case AdapterError():
             return ApiError(422, "invalid_adapter", str(exc))
         case _:

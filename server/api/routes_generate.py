@@ -11,7 +11,7 @@ from server.api.schemas import ErrorResponse, GenerateRequest, GenerateResponse,
 from server.service import Service
 
 router = APIRouter(dependencies=[Depends(require_inference)])
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 422, 429, 503)}
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 503, 504)}
 
 
 def sse(payload: str) -> str:
@@ -39,7 +39,7 @@ async def generate(body: GenerateRequest, request: Request):
     )
     handle = submit(service, tokenize(service, body.prompt), body.adapter, params)
     if not body.stream:
-        result = await run_to_completion(handle)
+        result = await run_to_completion(handle, request)
         return GenerateResponse(
             id=result.request_id,
             adapter=body.adapter,
@@ -60,6 +60,7 @@ async def generate(body: GenerateRequest, request: Request):
                     id=out.request_id,
                     finish_reason=public_reason(out.finish_reason),  # type: ignore[arg-type]
                     usage=Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens),
+                    error=out.error,
                 )
                 if out.text and not out.token_ids:
                     final = final.model_copy(update={"token": StreamToken(id=-1, text=out.text)})

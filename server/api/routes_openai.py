@@ -27,13 +27,13 @@ from server.api.openai_schemas import (
     ModelCard,
     ModelList,
 )
-from server.api.schemas import ErrorResponse
-from server.engine.handle import RequestHandle, RequestResult
+from server.api.schemas import ErrorBody, ErrorResponse
+from server.engine.handle import RequestHandle, RequestOutput, RequestResult
 from server.engine.request import FinishReason
 from server.service import Service
 
 router = APIRouter(dependencies=[Depends(require_inference)])
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 422, 429, 503)}
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 503, 504)}
 
 
 def _adapter_for(service: Service, model: str) -> str | None:
@@ -53,13 +53,21 @@ def _reason(reason: FinishReason | None) -> str | None:
 def _start(service: Service, body: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int]) -> RequestHandle:
     max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
     params = sampling_params(
-        max_new_tokens=max_tokens or max(1, service.settings.max_seq_len - len(prompt_ids)),
+        max_new_tokens=max_tokens or _default_max_tokens(service, len(prompt_ids)),
         temperature=body.temperature,
         top_p=body.top_p,
         seed=body.seed,
         stop=body.stop_list(),
+        ignore_eos=body.ignore_eos,
     )
     return submit(service, prompt_ids, _adapter_for(service, body.model), params)
+
+
+def _default_max_tokens(service: Service, prompt_len: int) -> int:
+    """OpenAI's default for ``max_tokens`` is "as many as fit"; the per-request limit caps it when one is set."""
+    fit = max(1, service.settings.max_seq_len - prompt_len)
+    limit = service.settings.max_new_tokens
+    return fit if limit is None else min(fit, limit)
 
 
 def _usage(result: RequestResult) -> CompletionUsage:
@@ -70,6 +78,14 @@ def _usage(result: RequestResult) -> CompletionUsage:
 
 def _sse(chunk: BaseModel | str) -> str:
     return f"data: {chunk if isinstance(chunk, str) else chunk.model_dump_json()}\n\n"
+
+
+def _stream_error(out: RequestOutput) -> str | None:
+    """An SSE error event for a stream that ended early (timeout, model error); the ``openai`` client raises it."""
+    if out.finish_reason not in (FinishReason.TIMEOUT, FinishReason.ERROR):
+        return None
+    type_ = "timeout" if out.finish_reason is FinishReason.TIMEOUT else "unavailable"
+    return _sse(ErrorResponse(error=ErrorBody(type=type_, message=out.error or "the request ended early")))
 
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS)
@@ -83,7 +99,7 @@ async def completions(body: CompletionRequest, request: Request):
     created, cid = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
     prefix = prompt if body.echo else ""
     if not body.stream:
-        result = await run_to_completion(handle)
+        result = await run_to_completion(handle, request)
         usage = _usage(result)
         choice = CompletionChoice(text=prefix + result.text, finish_reason=_reason(result.finish_reason))  # type: ignore[arg-type]
         return CompletionResponse(id=cid, created=created, model=body.model, choices=[choice], usage=usage)
@@ -94,6 +110,9 @@ async def completions(body: CompletionRequest, request: Request):
             yield _sse(CompletionResponse(id=cid, created=created, model=body.model,
                                           choices=[CompletionChoice(text=prefix, finish_reason=None)]))  # fmt: skip
         async for out in outputs:
+            if (error := _stream_error(out)) is not None:
+                yield error
+                break
             choice = CompletionChoice(text=out.text, finish_reason=_reason(out.finish_reason))  # type: ignore[arg-type]
             yield _sse(CompletionResponse(id=cid, created=created, model=body.model, choices=[choice]))
         yield _sse("[DONE]")
@@ -112,7 +131,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     handle = _start(service, body, prompt_ids)
     created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
     if not body.stream:
-        result = await run_to_completion(handle)
+        result = await run_to_completion(handle, request)
         usage = _usage(result)
         choice = ChatChoice(message=ChatChoiceMessage(content=result.text), finish_reason=_reason(result.finish_reason))  # type: ignore[arg-type]
         return ChatCompletionResponse(id=cid, created=created, model=body.model, choices=[choice], usage=usage)
@@ -125,6 +144,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     async def events() -> AsyncIterator[str]:
         yield chunk(ChatDelta(role="assistant", content=""))
         async for out in outputs:
+            if (error := _stream_error(out)) is not None:
+                yield error
+                break
             if out.text:
                 yield chunk(ChatDelta(content=out.text))
             if out.finished:

@@ -5,6 +5,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 FinishReasonName = Literal["length", "stop", "eos"]
+# A stream has already answered 200 when something goes wrong, so its last event says so.
+StreamFinishReason = Literal["length", "stop", "eos", "timeout", "error"]
 
 
 class GenerateRequest(BaseModel):
@@ -45,8 +47,9 @@ class StreamEvent(BaseModel):
 
     id: str
     token: StreamToken | None = None
-    finish_reason: FinishReasonName | None = None
+    finish_reason: StreamFinishReason | None = None
     usage: Usage | None = None
+    error: str | None = Field(None, description="why the stream ended early (finish_reason timeout or error)")
 
 
 class AdapterInfo(BaseModel):

@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from server.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from server.engine.handle import RequestHandle, RequestOutput
-from server.engine.model_runner import ModelRunner, SequenceChunk
+from server.engine.model_runner import AcceleratorOutOfMemory, ModelRunner, SequenceChunk
 from server.engine.request import FinishReason, Sequence
 from server.engine.sampling import RowSampler, SamplingParams, sample
 from server.engine.scheduler import Scheduler
@@ -40,6 +40,9 @@ class EngineConfig:
     cpu_slots: int = 64  # host copies of adapters kept behind the accelerator slots
     starvation_steps: int = 32  # steps the oldest waiting request may be passed over before it gets priority
     max_queue: int = 1_000_000  # waiting requests; past it ``submit`` raises QueueFullError
+    max_prompt_tokens: int | None = None  # per-request prompt limit (None: only max_seq_len bounds it)
+    max_new_tokens: int | None = None  # per-request generation limit (None: only max_seq_len bounds it)
+    request_timeout: float | None = None  # seconds from submission to finish; past it the request ends with TIMEOUT
 
 
 class RequestError(ValueError):
@@ -107,16 +110,25 @@ class Engine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        timeout: float | None = None,
     ) -> RequestHandle:
-        """Queue a request; its outputs stream through the returned handle (async when ``loop`` is given)."""
+        """Queue a request; its outputs stream through the returned handle (async when ``loop`` is given).
+
+        ``timeout`` (seconds, default ``config.request_timeout``) bounds the time from now to the last token; a
+        request past it finishes with ``FinishReason.TIMEOUT``, whether it was still waiting or running."""
         params = params if params is not None else SamplingParams()
+        config = self.config
         if not prompt_ids:
             raise RequestError("the prompt is empty")
+        if config.max_prompt_tokens is not None and len(prompt_ids) > config.max_prompt_tokens:
+            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; the limit is {config.max_prompt_tokens}")
+        if config.max_new_tokens is not None and params.max_new_tokens > config.max_new_tokens:
+            raise RequestError(f"max_new_tokens is {params.max_new_tokens}; the limit is {config.max_new_tokens}")
         total = len(prompt_ids) + params.max_new_tokens
-        if total > self.config.max_seq_len:
+        if total > config.max_seq_len:
             raise RequestError(
                 f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} exceeds "
-                f"the maximum sequence length {self.config.max_seq_len}"
+                f"the maximum sequence length {config.max_seq_len}"
             )
         vocab = self.runner.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
@@ -127,7 +139,10 @@ class Engine:
             except KeyError:
                 raise UnknownAdapterError(f"unknown adapter {adapter!r}") from None
         rid = request_id or f"req-{uuid.uuid4().hex[:12]}-{next(self._ids)}"
-        seq = Sequence(rid, adapter, list(prompt_ids), params, arrival=time.monotonic())
+        now = time.monotonic()
+        timeout = timeout if timeout is not None else config.request_timeout
+        seq = Sequence(rid, adapter, list(prompt_ids), params, arrival=now,
+                       deadline=None if timeout is None else now + timeout)  # fmt: skip
         live = _Live(
             seq,
             RequestHandle(seq, loop),
@@ -136,8 +151,8 @@ class Engine:
             StopChecker(params.stop),
         )
         with self._wake:
-            if len(self._inbox) + self.scheduler.num_waiting >= self.config.max_queue:
-                raise QueueFullError(f"the queue holds {self.config.max_queue} waiting requests; retry later")
+            if len(self._inbox) + self.scheduler.num_waiting >= config.max_queue:
+                raise QueueFullError(f"the queue holds {config.max_queue} waiting requests; retry later")
             self._inbox.append(live)
             self._wake.notify()
         return live.handle
@@ -170,14 +185,20 @@ class Engine:
                 SequenceChunk(seq.row, seq.slot, seq.token_slice(seq.num_computed, end), seq.num_computed,
                               needs_logits=end == seq.num_tokens)
             )  # fmt: skip
+        needing = [item.seq for item, chunk in zip(plan.scheduled, chunks, strict=True) if chunk.needs_logits]
         try:
             logits = self.runner.run(chunks)
+            tokens = sample(logits, [self._live[s.request_id].sampler for s in needing])
         except Exception as exc:  # noqa: BLE001 - fail this batch's requests, keep serving
+            if isinstance(exc, AcceleratorOutOfMemory):
+                log.warning("out of accelerator memory in a step of %d tokens: failing its requests", plan.num_tokens)
+                error = f"out of accelerator memory ({exc}); retry later or with a shorter request"
+            else:
+                log.exception("model step failed")
+                error = f"model error: {exc}"
             for item in plan.scheduled:
-                self._finish(self._live[item.seq.request_id], FinishReason.ERROR, error=f"model error: {exc}")
+                self._finish(self._live[item.seq.request_id], FinishReason.ERROR, error=error)
             return 0
-        needing = [item.seq for item, chunk in zip(plan.scheduled, chunks, strict=True) if chunk.needs_logits]
-        tokens = sample(logits, [self._live[s.request_id].sampler for s in needing])
         for item in plan.scheduled:
             item.seq.num_computed += item.num_tokens
         for seq, token in zip(needing, tokens, strict=True):

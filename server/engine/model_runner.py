@@ -11,6 +11,10 @@ from server.lora.mapping import TokenSlotMapping
 from server.model.lora_model import LoraModel
 
 
+class AcceleratorOutOfMemory(RuntimeError):
+    """A step ran out of device memory; the runner released its cached blocks and the next step may run."""
+
+
 @dataclass(frozen=True)
 class SequenceChunk:
     """One sequence's share of a step: ``token_ids`` at positions ``start..``, KV ``row``, LoRA ``slot``."""
@@ -49,9 +53,19 @@ class ModelRunner:
     def vocab_size(self) -> int:
         return int(self.model.config.vocab_size)
 
-    @torch.inference_mode()
     def run(self, chunks: Sequence[SequenceChunk]) -> torch.Tensor:
-        """Forward all chunks at once; logits [N, vocab] float32 for the chunks with ``needs_logits``, in order."""
+        """Forward all chunks at once; logits [N, vocab] float32 for the chunks with ``needs_logits``, in order.
+
+        Raises AcceleratorOutOfMemory (after emptying the allocator's cache) when the device runs out of memory."""
+        try:
+            return self._run(chunks)
+        except torch.OutOfMemoryError as exc:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise AcceleratorOutOfMemory(str(exc).splitlines()[0] if str(exc) else "out of memory") from None
+
+    @torch.inference_mode()
+    def _run(self, chunks: Sequence[SequenceChunk]) -> torch.Tensor:
         if not chunks:
             raise ValueError("nothing to run")
         # Lay tokens out grouped by LoRA slot so every adapter's tokens form one run (no gather in the LoRA op).

@@ -12,6 +12,7 @@ class FinishReason(enum.StrEnum):
     EOS = "eos"  # the model produced an end-of-sequence token
     CANCELLED = "cancelled"  # the client went away or cancelled
     ERROR = "error"  # the request could not be served (e.g. its adapter failed to load)
+    TIMEOUT = "timeout"  # the request did not finish before its deadline
 
 
 class Status(enum.Enum):
@@ -37,6 +38,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     error: str | None = None
     cancelled: bool = False
+    deadline: float | None = None  # monotonic time past which the request is finished with TIMEOUT
     admitted_at: float | None = None
     first_token_at: float | None = None
     finished_at: float | None = None

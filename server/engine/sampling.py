@@ -48,7 +48,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < 1e-5  # a tinier one overflows logits / temperature in float32: NaN draws
 
 
 class RowSampler:

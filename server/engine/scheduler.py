@@ -75,7 +75,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        self._drop_cancelled(out)
+        self._drop_abandoned(out)
         budget = self.max_tokens_per_step
         for seq in self.running:
             n = min(len(seq.prompt_ids) - seq.num_computed, budget) if seq.in_prefill else 1
@@ -106,10 +106,16 @@ class Scheduler:
         seq.row = None
         seq.slot = None
 
-    def _drop_cancelled(self, out: SchedulerOutput) -> None:
-        for seq in [s for s in self.running if s.cancelled] + [s for s in self.waiting if s.cancelled]:
-            self.finish(seq, FinishReason.CANCELLED)
-            out.aborted.append(seq)
+    def _drop_abandoned(self, out: SchedulerOutput) -> None:
+        """Finish the sequences whose client cancelled them and those past their deadline, waiting or running."""
+        now = self.clock()
+        for seq in [*self.running, *self.waiting]:
+            if seq.cancelled:
+                self.finish(seq, FinishReason.CANCELLED)
+                out.aborted.append(seq)
+            elif seq.deadline is not None and now >= seq.deadline:
+                self.finish(seq, FinishReason.TIMEOUT, "the request did not finish within its time limit")
+                out.aborted.append(seq)
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         head = self.waiting[0] if self.waiting else None

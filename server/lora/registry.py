@@ -22,6 +22,7 @@ swaps in a new dict instead of mutating the current one. Torch-free: validating 
 ``validate`` callable's job (the model layer's checkpoint reader).
 """
 
+import errno
 import hashlib
 import json
 import logging
@@ -79,6 +80,10 @@ class AdapterNotFound(RegistryError, KeyError):
 
 class UploadTooLarge(RegistryError):
     """A file or archive is above its UploadLimits cap (HTTP 413)."""
+
+
+class StorageFull(RegistryError):
+    """The disk (or quota) ran out while storing an upload (HTTP 507); nothing was stored."""
 
 
 class BadArchive(RegistryError):
@@ -173,7 +178,7 @@ class AdapterRegistry:
             with _upload_errors():
                 receive_file(config, folder / CONFIG_FILE, self.limits.max_config_bytes, CONFIG_FILE)
                 receive_file(weights, folder / WEIGHTS_FILE, self.limits.max_file_bytes, WEIGHTS_FILE)
-            return self._commit(name, folder, source)
+                return self._commit(name, folder, source)
 
     def add_archive(self, name: str, archive: BinaryIO, source: Source = "upload") -> AdapterRecord:
         """Register the PEFT folder inside a .zip or .tar.gz (see ``archive.extract_adapter_archive``)."""
@@ -181,7 +186,7 @@ class AdapterRegistry:
         with self._new_staging() as folder:
             with _upload_errors():
                 extract_adapter_archive(archive, folder.parent / "unpacked", folder, self.limits)
-            return self._commit(name, folder, source)
+                return self._commit(name, folder, source)
 
     def add_folder(self, name: str, folder: Path, source: Source = "startup") -> AdapterRecord:
         """Register a copy of the local PEFT folder ``folder`` (symlinks followed: it is trusted, e.g. an HF cache
@@ -197,7 +202,7 @@ class AdapterRegistry:
                     if limit is not None and entry.is_file():
                         with entry.open("rb") as src:
                             receive_file(src, staged / entry.name, limit, entry.name)
-            return self._commit(name, staged, source)
+                return self._commit(name, staged, source)
 
     # ---- reading --------------------------------------------------------------------------------------------------
     def get(self, name: str) -> AdapterRecord:
@@ -347,13 +352,19 @@ class AdapterRegistry:
 
 @contextmanager
 def _upload_errors() -> Iterator[None]:
-    """The intake module's refusals as registry errors (HTTP 413 and 400)."""
+    """The intake module's refusals as registry errors (HTTP 413 and 400), and a full disk as StorageFull (507).
+    Whatever fails, the staging folder is removed by ``_new_staging`` and the index is untouched."""
     try:
         yield
     except TooLarge as e:
         raise UploadTooLarge(str(e)) from None
     except UnsafeArchive as e:
         raise BadArchive(str(e)) from None
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            reason = os.strerror(e.errno)
+            raise StorageFull(f"the server's adapter storage is full ({reason}); nothing was stored") from e
+        raise
 
 
 def _sha256(path: Path) -> str:
