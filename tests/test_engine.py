@@ -326,3 +326,15 @@ def test_deadlines_and_per_request_limits(setup) -> None:
     result = mid.result()
     assert result.finish_reason == FinishReason.TIMEOUT and 0 < result.completion_tokens < 50
     assert engine.scheduler.num_running == 0 and not engine.has_work()
+
+
+def test_adapter_deleted_while_waiting_finishes_as_deleted_not_failed(setup) -> None:
+    model_dir, adapters, _ = setup
+    registered = dict(adapters)
+    engine = make_engine(model_dir, registered)
+    handle = engine.submit([1, 2, 3], "a2", SamplingParams(max_new_tokens=2))
+    del registered["a2"]  # the registry forgets it before the engine reads it
+    engine.forget_adapter("a2")
+    run_until_done(engine)
+    result = handle.result()
+    assert result.finish_reason == FinishReason.ADAPTER_DELETED and "deleted" in (result.error or "")

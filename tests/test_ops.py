@@ -50,11 +50,32 @@ def test_padded_layout_is_chosen_for_many_small_groups() -> None:
     decode = TokenSlotMapping.build([1, 2, 3, 4, 5, 0, 6, 7, 8, 2])
     assert decode.padded is not None and decode.padded.rows == 2 and (decode.padded.lo, decode.padded.hi) == (1, 9)
     assert decode.padded.tokens.tolist() == [0, 1, 2, 3, 4, 6, 7, 8, 9]
-    assert decode.padded.row.tolist() == [0, 0, 0, 0, 0, 0, 0, 0, 1]
+    assert decode.padded.cells.tolist() == [0, 2, 4, 6, 8, 10, 12, 14, 3]  # slot 2's second token: row 1
+    assert decode.padded.run is None and len(decode.padded.gather) == 16
     prefill = TokenSlotMapping.build([1] * 50 + [2, 3, 4, 5])  # one big group: padding would cost 5x
     assert prefill.padded is None
     few = TokenSlotMapping.build([1, 2, 1, 2])  # too few groups for padding to pay
     assert few.padded is None
+
+
+@pytest.mark.parametrize("slots", [[0, 0, 3, 4, 5, 6, 7, 0], [1, 2, 3, 4, 5], [0, 2, 3, 5, 6, 7], [4, 5, 6, 7, 4]])
+def test_padded_run_and_gather_layouts_equal_reference(slots: list[int]) -> None:
+    """One token per slot in slot order is added in place (``run``); gaps or repeats take the gather path."""
+    torch.manual_seed(sum(slots))
+    mapping = TokenSlotMapping.build(slots)
+    assert mapping.padded is not None
+    contiguous = slots[2:7] == [3, 4, 5, 6, 7] or slots == [1, 2, 3, 4, 5]
+    assert (mapping.padded.run is not None) == contiguous
+    num_slots, rank, d_in, d_out = 8, 6, 12, 10
+    a, b = torch.randn(num_slots + 1, rank, d_in), torch.randn(num_slots + 1, rank, d_out)
+    a[0], b[0] = 0, 0
+    scales = torch.rand(num_slots + 1)
+    scales[0] = 0
+    x, y0 = torch.randn(len(slots), d_in), torch.randn(len(slots), d_out)
+    expected, got = y0.clone(), y0.clone()
+    lora_add_reference(expected, x, a, b, scales, [0] + [rank] * num_slots, mapping)
+    LORA_OPS["grouped"](got, x, a, b, scales, [0] + [rank] * num_slots, mapping)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
 
 
 def test_mapping_layouts() -> None:

@@ -53,6 +53,8 @@ def raise_if_failed(output: RequestOutput) -> None:
         raise ApiError(503, "unavailable", output.error or "the request could not be served", {"Retry-After": "5"})
     if output.finish_reason is FinishReason.TIMEOUT:
         raise ApiError(504, "timeout", output.error or "the request did not finish in time")
+    if output.finish_reason is FinishReason.ADAPTER_DELETED:
+        raise ApiError(404, "not_found", output.error or "the adapter was deleted")
 
 
 async def run_to_completion(handle: RequestHandle, request: Request) -> RequestResult:
@@ -106,4 +108,6 @@ async def stream(handle: RequestHandle) -> AsyncIterator[RequestOutput]:
 def public_reason(reason: FinishReason) -> str:
     """Our API's finish reasons: length | stop | eos, and timeout | error for a stream that had to end early (a
     cancelled request has no client left to read it)."""
-    return "stop" if reason is FinishReason.CANCELLED else reason.value
+    if reason is FinishReason.CANCELLED:
+        return "stop"
+    return "error" if reason is FinishReason.ADAPTER_DELETED else reason.value

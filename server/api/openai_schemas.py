@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)  # unknown OpenAI fields ignored, known ones typed strictly
 
     model: str = Field(..., description="an adapter name, or the base model's id")
     max_tokens: int | None = Field(None, ge=1, le=1_000_000)

@@ -82,7 +82,7 @@ def _sse(chunk: BaseModel | str) -> str:
 
 def _stream_error(out: RequestOutput) -> str | None:
     """An SSE error event for a stream that ended early (timeout, model error); the ``openai`` client raises it."""
-    if out.finish_reason not in (FinishReason.TIMEOUT, FinishReason.ERROR):
+    if out.finish_reason not in (FinishReason.TIMEOUT, FinishReason.ERROR, FinishReason.ADAPTER_DELETED):
         return None
     type_ = "timeout" if out.finish_reason is FinishReason.TIMEOUT else "unavailable"
     return _sse(ErrorResponse(error=ErrorBody(type=type_, message=out.error or "the request ended early")))

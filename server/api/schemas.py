@@ -10,14 +10,14 @@ StreamFinishReason = Literal["length", "stop", "eos", "timeout", "error"]
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # strict: no true -> 1.0, no "8" -> 8
 
     adapter: str | None = Field(None, description="adapter name; null or absent for the base model", max_length=64)
     prompt: str = Field(..., min_length=1, description="raw prompt text (no chat template applied)")
     max_new_tokens: int = Field(128, ge=1, le=1_000_000)
     temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="0 = off")
+    top_k: int = Field(0, ge=0, le=1_000_000, description="0 = off")
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: list[str] = Field(default_factory=list, max_length=4)
     ignore_eos: bool = False

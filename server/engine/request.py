@@ -13,6 +13,7 @@ class FinishReason(enum.StrEnum):
     CANCELLED = "cancelled"  # the client went away or cancelled
     ERROR = "error"  # the request could not be served (e.g. its adapter failed to load)
     TIMEOUT = "timeout"  # the request did not finish before its deadline
+    ADAPTER_DELETED = "adapter_deleted"  # its adapter was deleted before the request could start
 
 
 class Status(enum.Enum):

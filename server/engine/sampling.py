@@ -114,7 +114,7 @@ def sample(logits: torch.Tensor, samplers: Sequence[RowSampler]) -> list[int]:
         temperature = torch.tensor([p.temperature for p in params], device=device)  # [M]
         scores = logits[row_index] / temperature.unsqueeze(1)  # [M, V]
         if any(p.top_k > 0 or p.top_p < 1 for p in params):  # skip the sort when no row filters
-            top_k = torch.tensor([p.top_k for p in params], device=device)
+            top_k = torch.tensor([min(p.top_k, logits.shape[-1]) for p in params], device=device)  # fits int64
             top_p = torch.tensor([p.top_p for p in params], device=device, dtype=torch.float32)
             scores = filter_top_k_top_p(scores, top_k, top_p)
         probs = scores.softmax(dim=-1)  # [M, V]

@@ -152,9 +152,7 @@ class Scheduler:
         if self.slots.tier(name) == "disk":
             state = self.prefetcher.state(name)
             if state == "failed":
-                error = self.prefetcher.error(name)
-                self.finish(seq, FinishReason.ERROR, f"adapter {name!r} failed to load: {error}")
-                out.aborted.append(seq)
+                self._fail(seq, self.prefetcher.error(name), out)
                 return None
             if state != "ready":
                 self.prefetcher.request(name)
@@ -164,6 +162,14 @@ class Scheduler:
         except NoFreeSlotError:
             return None
         except Exception as exc:  # noqa: BLE001 - a bad adapter fails its own requests, never the loop
-            self.finish(seq, FinishReason.ERROR, f"adapter {name!r} failed to load: {exc}")
-            out.aborted.append(seq)
+            self._fail(seq, exc, out)
             return None
+
+    def _fail(self, seq: Sequence, error: BaseException | None, out: SchedulerOutput) -> None:
+        """Finish ``seq`` because its adapter could not be read. The adapter source raises KeyError for an adapter
+        that is no longer registered (deleted while the request waited): that is not a load failure."""
+        if isinstance(error, KeyError):
+            self.finish(seq, FinishReason.ADAPTER_DELETED, f"adapter {seq.adapter!r} was deleted")
+        else:
+            self.finish(seq, FinishReason.ERROR, f"adapter {seq.adapter!r} failed to load: {error}")
+        out.aborted.append(seq)

@@ -26,17 +26,22 @@ class PaddedSlots:
 
     Made for decode steps, where many slots have one or two tokens each: the LoRA add then takes two ``bmm`` calls
     over the window instead of two matmuls per slot.
+    run:       (start, end) when the adapter tokens are exactly ``x[start:end]`` in grid order (one token per slot
+               of the window, in slot order: the usual decode step, since the runner sorts tokens by slot); the
+               grid is then a view of ``x`` and nothing is gathered or scattered. None otherwise.
+    gather:    [W*M] int64  token read into each grid cell; padding cells read some adapter token (their products
+               are never added back). Empty when ``run`` is set.
     tokens:    [N] int64  flattened-token index of each adapter token
-    slot:      [N] int64  its slot minus ``lo``
-    row:       [N] int64  its rank among its slot's tokens
+    cells:     [N] int64  its grid cell, ``(slot - lo) * M + rank among its slot's tokens``
     """
 
     lo: int
     hi: int
     rows: int
+    run: tuple[int, int] | None
+    gather: torch.Tensor
     tokens: torch.Tensor
-    slot: torch.Tensor
-    row: torch.Tensor
+    cells: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -126,7 +131,15 @@ def _padded(slots: Sequence[int], device: torch.device | str) -> PaddedSlots | N
     def tensor(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=device)
 
-    return PaddedSlots(lo, hi, rows, tensor(tokens), tensor([s - lo for s in slot_of]), tensor(row_of))
+    cells = [(s - lo) * rows + r for s, r in zip(slot_of, row_of, strict=True)]
+    n = len(tokens)
+    if rows == 1 and n == hi - lo and cells == list(range(n)) and tokens == list(range(tokens[0], tokens[0] + n)):
+        empty = tensor([])
+        return PaddedSlots(lo, hi, rows, (tokens[0], tokens[0] + n), empty, tensor(tokens), tensor(cells))
+    gather = [tokens[0]] * ((hi - lo) * rows)
+    for t, cell in zip(tokens, cells, strict=True):
+        gather[cell] = t
+    return PaddedSlots(lo, hi, rows, None, tensor(gather), tensor(tokens), tensor(cells))
 
 
 class LoraContext:

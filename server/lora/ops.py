@@ -1,6 +1,6 @@
 """The batched LoRA add, ``y[t] += scale[s] * (x[t] @ A[s].T) @ B[s]`` with ``s = slot of token t``.
 
-Two implementations with identical semantics; one is chosen once at startup (``select_op``):
+Implementations with identical semantics; one is chosen once at startup (``select_op``):
 
 - ``lora_add_reference``: gathers every token's weights and multiplies them. Obviously right, slow and memory-hungry
   (``T x R x in`` floats); it is the yardstick every fast op is tested against.
@@ -9,6 +9,9 @@ Two implementations with identical semantics; one is chosen once at startup (``s
   Punica/LoRAX written with torch matmuls, which is what wins on CPU. When a step has many small groups (decode
   with many adapters) the mapping instead lays tokens out as a [slots, rows] grid and the add is two ``bmm`` calls
   over the window of slots in use, so the cost no longer grows with one dispatch per adapter.
+- ``triton`` (``server.lora.triton_ops``, registered when triton is installed): Triton kernels, a segmented SGMV
+  pair for prefill and a gathered per-token BGMV pair for decode, picked per step; ``triton_sgmv`` and
+  ``triton_bgmv`` force one pair. ``auto`` takes it on CUDA when triton imports, else ``grouped``.
 
 Layouts (per wrapped linear layer, ``S`` adapter slots plus ``BASE_SLOT`` 0, max rank ``R``):
     A:      [S+1, R, in]   rows past an adapter's rank are zero
@@ -22,6 +25,7 @@ from typing import Protocol
 
 import torch
 
+from server.lora import triton_ops
 from server.lora.mapping import PaddedSlots, TokenSlotMapping
 
 
@@ -104,30 +108,43 @@ def _lora_add_padded(
     ranks: Sequence[int],
     padded: PaddedSlots,
 ) -> None:
-    """The same add over a [W slots, M rows] grid of adapter tokens: two bmm calls for the whole window."""
+    """The same add over a [W slots, M rows] grid of adapter tokens: two bmm calls for the whole window.
+
+    When the adapter tokens already are the grid (``padded.run``: one token per slot, in slot order) the grid is a
+    view of ``x`` and the result is added to a slice of ``y``; otherwise one gather builds it and one scatter-add
+    puts the real cells back.
+    """
     lo, hi = padded.lo, padded.hi
     r = max(ranks[lo:hi])
     if r == 0:
         return
-    grid = x.new_zeros((hi - lo, padded.rows, x.shape[1]))  # [W, M, in]
-    grid[padded.slot, padded.row] = x.index_select(0, padded.tokens)
+    if padded.run is not None:
+        start, end = padded.run
+        grid = x[start:end].unsqueeze(1)  # [W, 1, in]
+    else:
+        grid = x.index_select(0, padded.gather).view(hi - lo, padded.rows, x.shape[1])  # [W, M, in]
     xa = torch.bmm(grid, a[lo:hi, :r].transpose(1, 2))  # [W, M, r]; rows past a slot's rank are zero
     xa.mul_(scales[lo:hi].view(-1, 1, 1))
-    out = torch.bmm(xa, b[lo:hi, :r])  # [W, M, out]
-    y.index_add_(0, padded.tokens, out[padded.slot, padded.row])
+    out = torch.bmm(xa, b[lo:hi, :r]).view(-1, y.shape[1])  # [W*M, out]
+    if padded.run is not None:
+        y[start:end] += out.to(y.dtype)
+    else:
+        y.index_add_(0, padded.tokens, out.index_select(0, padded.cells))
 
 
 LORA_OPS: dict[str, LoraAddOp] = {
     "reference": lora_add_reference,
     "grouped": lora_add_grouped,
 }
+if triton_ops.TRITON_AVAILABLE:  # triton itself is imported on the op's first use, not here
+    LORA_OPS.update(triton_ops.OPS)
 
 
 def select_op(name: str, device: torch.device) -> LoraAddOp:
     """The LoRA op to use, chosen once at startup. ``auto`` picks the fastest correct op for the device."""
     if name == "auto":
-        # The grouped op is the fast path on every device we run today; a Triton kernel will take CUDA later.
-        name = "grouped"
+        # Triton kernels on CUDA; on CPU the grouped torch op (Triton has no CPU backend, only a slow interpreter).
+        name = "triton" if device.type == "cuda" and "triton" in LORA_OPS and triton_ops.triton_usable() else "grouped"
     try:
         return LORA_OPS[name]
     except KeyError:
