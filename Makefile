@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast serve bench-forward lint
+.PHONY: setup test test-fast serve bench-forward bench lint
 
 setup: $(STAMP)
 
@@ -26,6 +26,16 @@ serve: setup
 
 bench-forward: setup
 	$(PY) loadtests/bench_lora_forward.py
+
+# The S-LoRA curve (1..1000 adapters) and cold adapter loads against a real server; writes docs/benchmarks.md.
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP)
+	$(VENV)/bin/pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: setup $(BENCH_STAMP)
+	$(PY) loadtests/bench_adapters.py
 
 lint: setup
 	$(VENV)/bin/ruff check server tests loadtests

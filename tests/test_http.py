@@ -119,6 +119,15 @@ def test_upload_generate_matches_peft_stream_and_openai(server, tiny_adapters, p
         model="support-fr", messages=[{"role": "user", "content": "hello"}], max_tokens=8, temperature=0, stream=True
     )
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == chat.choices[0].message.content
+    with_usage = list(client.chat.completions.create(
+        model="support-fr", messages=[{"role": "user", "content": "hello"}], max_tokens=8, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    ))  # fmt: skip
+    assert with_usage[-1].choices == [] and with_usage[-1].usage.completion_tokens == chat.usage.completion_tokens
+    long = list(client.completions.create(model="support-fr", prompt=PROMPT, max_tokens=30, temperature=0,
+                                          stream=True, stream_options={"include_usage": True},
+                                          extra_body={"ignore_eos": True}))  # fmt: skip
+    assert long[-1].usage.completion_tokens == 30  # ignore_eos (vLLM's extension) keeps it going past EOS
     base = client.completions.create(model=models[0]["id"], prompt=PROMPT, max_tokens=12, temperature=0)
     assert base.choices[0].text != completion.choices[0].text  # the adapter changes the answer
 

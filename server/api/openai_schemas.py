@@ -6,6 +6,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    include_usage: bool = Field(False, description="end the stream with a chunk carrying usage and no choices")
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)  # unknown OpenAI fields ignored, known ones typed strictly
 
@@ -18,6 +24,11 @@ class _Request(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**63)
     stream: bool = False
     ignore_eos: bool = Field(False, description="extension (as in vLLM): keep generating past end-of-sequence tokens")
+    stream_options: StreamOptions | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -109,6 +120,7 @@ class ChatCompletionChunk(BaseModel):
     created: int
     model: str
     choices: list[ChatChunkChoice]
+    usage: CompletionUsage | None = None
 
 
 class ModelCard(BaseModel):

@@ -76,6 +76,13 @@ def _usage(result: RequestResult) -> CompletionUsage:
                            total_tokens=total)  # fmt: skip
 
 
+def _usage_of(out: RequestOutput) -> CompletionUsage:
+    """Usage from a stream's final output (``stream_options.include_usage``)."""
+    total = out.prompt_tokens + out.completion_tokens
+    return CompletionUsage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
+                           total_tokens=total)  # fmt: skip
+
+
 def _sse(chunk: BaseModel | str) -> str:
     return f"data: {chunk if isinstance(chunk, str) else chunk.model_dump_json()}\n\n"
 
@@ -115,6 +122,9 @@ async def completions(body: CompletionRequest, request: Request):
                 break
             choice = CompletionChoice(text=out.text, finish_reason=_reason(out.finish_reason))  # type: ignore[arg-type]
             yield _sse(CompletionResponse(id=cid, created=created, model=body.model, choices=[choice]))
+            if out.finished and body.include_usage:
+                usage = _usage_of(out)
+                yield _sse(CompletionResponse(id=cid, created=created, model=body.model, choices=[], usage=usage))
         yield _sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -151,6 +161,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                 yield chunk(ChatDelta(content=out.text))
             if out.finished:
                 yield chunk(ChatDelta(), _reason(out.finish_reason))
+                if body.include_usage:
+                    yield _sse(ChatCompletionChunk(id=cid, created=created, model=body.model, choices=[],
+                                                   usage=_usage_of(out)))  # fmt: skip
         yield _sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -57,11 +57,14 @@ class BatchedLoraLinear(nn.Module):
         """Load one adapter's weights for this layer into ``slot``; the rest of the slot is zeroed.
 
         a: [r, in] (PEFT lora_A.weight)    b: [out, r] (PEFT lora_B.weight)    r <= max rank
+        Invariant kept by every write and clear: rows at or past ``ranks[slot]`` are zero, so only the rows the
+        previous occupant used beyond the new rank need zeroing (a full-slot zero costs more than the copy).
         """
         self._check_slot(slot)
-        r = a.shape[0]
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
+        r, previous = a.shape[0], self.ranks[slot]
+        if previous > r:
+            self.lora_a[slot, r:previous].zero_()
+            self.lora_b[slot, r:previous].zero_()
         self.lora_a[slot, :r].copy_(a, non_blocking=True)
         self.lora_b[slot, :r].copy_(b.T, non_blocking=True)
         self.scales[slot] = scale
@@ -70,8 +73,11 @@ class BatchedLoraLinear(nn.Module):
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
         self._check_slot(slot)
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
+        previous = self.ranks[slot]
+        if previous == 0:
+            return  # already empty (rows past rank 0 are zero, and so is the scale)
+        self.lora_a[slot, :previous].zero_()
+        self.lora_b[slot, :previous].zero_()
         self.scales[slot] = 0.0
         self.ranks[slot] = 0
 
