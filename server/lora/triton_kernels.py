@@ -1,18 +1,18 @@
 """Triton kernels of the batched LoRA add; imported only through ``server.lora.triton_ops`` (which guards triton).
 
-Two kernel pairs, each a *shrink* ``part[k, t] = x[t, k-chunk] @ A[s_t, :, k-chunk].T`` (fp32 partial sums, one per
-split of the reduction dimension) followed by an *expand* ``y[t] += (scale[s_t] * sum_k part[k, t]) @ B[s_t]``:
+- SGMV (segmented, for prefill), two launches: a *shrink* ``part[k, t] = x[t, k-chunk] @ A[s_t, :, k-chunk].T``
+  (float32 partial sums, one per split of the reduction) and an *expand* ``y[t] += (scale * sum_k part[k, t]) @
+  B[s_t]``. Programs own blocks of up to ``BLOCK_M`` tokens of one slot, listed in a block table ``blocks[i] =
+  (slot, start, end)`` of positions; position ``p`` is token ``order[p]`` when ``GATHERED`` else ``p``. Both
+  matmuls are ``tl.dot`` tiles, so an adapter's weights are read once per block, not once per token.
+- BGMV (gathered, for decode), one launch: a program per (token, slice of output columns) reads the token's slot
+  from ``token_slots``, computes its ``x @ A.T`` row and adds that row times its slice of ``B``. Decode is bound by
+  launches and by reading each adapter's weights once, so one launch and no partials in memory is what it wants.
 
-- SGMV (segmented, for prefill): programs own blocks of up to ``BLOCK_M`` tokens of one slot, listed in a block
-  table ``blocks[i] = (slot, start, end)`` of positions; position ``p`` is token ``order[p]`` when ``GATHERED``
-  else ``p``. Both matmuls are ``tl.dot`` tiles, so an adapter's weights are read once per block, not per token.
-- BGMV (gathered, for decode): programs own one token each and read its slot from ``token_slots``; the products are
-  broadcast-multiply-and-sum (a GEMV per token), so no rows are wasted when every adapter has one token.
-
-Rows of A and B past a slot's rank are masked off by ``ranks[slot]`` (never read), the reduction is split
-``SPLIT_K`` ways so a few tokens still fill the GPU, and tokens of the base slot or of a slot with rank 0 for this
-layer are never written. ``UPCAST_DOT`` makes ``tl.dot`` take float32 operands: Triton's interpreter (CPU, tests)
-computes 16-bit ``tl.dot`` wrongly (bfloat16 garbage in triton 3.9), the GPU path keeps 16-bit tensor-core inputs.
+Rows of A and B past a slot's rank are masked off by ``ranks[slot]`` (never read), and tokens of the base slot or
+of a slot with rank 0 for this layer are never written. ``UPCAST_DOT`` makes ``tl.dot`` take float32 operands:
+Triton's interpreter (CPU, tests) computes 16-bit ``tl.dot`` wrongly (bfloat16 garbage in triton 3.9), while the
+GPU path keeps 16-bit tensor-core inputs.
 """
 
 import triton
@@ -114,45 +114,15 @@ def sgmv_expand_kernel(
 
 
 @triton.jit
-def bgmv_shrink_kernel(
-    x_ptr, a_ptr, part_ptr, slots_ptr, rank_ptr,
-    K, SPLIT_K,
-    stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_ps, stride_pt,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BASE: tl.constexpr,
+def bgmv_kernel(
+    x_ptr, a_ptr, b_ptr, scale_ptr, y_ptr, slots_ptr, rank_ptr,
+    K, N, N_PER_PROGRAM,
+    stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_bs, stride_br, stride_bn, stride_yt, stride_yn,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BASE: tl.constexpr,
 ):  # fmt: skip
-    """part[pid_k, t, :] = x[t, k-chunks of pid_k] @ A[slots[t], :, same].T, for one token t per program."""
-    t = tl.program_id(0).to(tl.int64)
-    pid_k = tl.program_id(1)
-    slot = tl.load(slots_ptr + t).to(tl.int64)
-    if slot == BASE:
-        return
-    rank = tl.load(rank_ptr + slot)
-    if rank == 0:
-        return
-    r = tl.arange(0, BLOCK_R)
-    r_ok = r < rank
-    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < K
-        xv = tl.load(x_ptr + t * stride_xt + k * stride_xk, mask=k_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
-        at = tl.load(
-            a_ptr + slot * stride_as + r[:, None] * stride_ar + k[None, :] * stride_ak,
-            mask=r_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        ).to(tl.float32)  # [BLOCK_R, BLOCK_K]
-        acc += tl.sum(at * xv[None, :], axis=1)
-    tl.store(part_ptr + pid_k * stride_ps + t * stride_pt + r, acc)
-
-
-@triton.jit
-def bgmv_expand_kernel(
-    part_ptr, b_ptr, scale_ptr, y_ptr, slots_ptr, rank_ptr,
-    N, SPLIT_K,
-    stride_ps, stride_pt, stride_bs, stride_br, stride_bn, stride_yt, stride_yn,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BASE: tl.constexpr,
-):  # fmt: skip
-    """y[t, n-block] += (scale[s] * sum_k part[k, t]) @ B[s, :, n-block] with s = slots[t], one token per program."""
+    """y[t, cols] += (scale[s] * x[t] @ A[s].T) @ B[s, :, cols] with s = slots[t]; program (t, j) owns the columns
+    j * N_PER_PROGRAM .. + N_PER_PROGRAM and computes the token's [R] row of x @ A.T itself (one launch per layer).
+    """
     t = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     slot = tl.load(slots_ptr + t).to(tl.int64)
@@ -163,18 +133,28 @@ def bgmv_expand_kernel(
         return
     r = tl.arange(0, BLOCK_R)
     r_ok = r < rank
-    xa = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for k in range(SPLIT_K):
-        xa += tl.load(part_ptr + k * stride_ps + t * stride_pt + r, mask=r_ok, other=0.0)
-    xa = xa * tl.load(scale_ptr + slot).to(tl.float32)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < N
-    bt = tl.load(
-        b_ptr + slot * stride_bs + r[:, None] * stride_br + n[None, :] * stride_bn,
-        mask=r_ok[:, None] & n_ok[None, :],
-        other=0.0,
-    ).to(tl.float32)  # [BLOCK_R, BLOCK_N]
-    out = tl.sum(xa[:, None] * bt, axis=0)  # [BLOCK_N]
-    y_ptrs = y_ptr + t * stride_yt + n * stride_yn
-    y = tl.load(y_ptrs, mask=n_ok, other=0.0)
-    tl.store(y_ptrs, (y.to(tl.float32) + out).to(y.dtype), mask=n_ok)
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K
+        xv = tl.load(x_ptr + t * stride_xt + k * stride_xk, mask=k_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
+        at = tl.load(
+            a_ptr + slot * stride_as + r[:, None] * stride_ar + k[None, :] * stride_ak,
+            mask=r_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)  # [BLOCK_R, BLOCK_K]
+        acc += tl.sum(at * xv[None, :], axis=1)
+    xa = acc * tl.load(scale_ptr + slot).to(tl.float32)  # [BLOCK_R]
+    n_start = pid_n * N_PER_PROGRAM
+    for n0 in range(n_start, n_start + N_PER_PROGRAM, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < N
+        bt = tl.load(
+            b_ptr + slot * stride_bs + r[:, None] * stride_br + n[None, :] * stride_bn,
+            mask=r_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)  # [BLOCK_R, BLOCK_N]
+        out = tl.sum(xa[:, None] * bt, axis=0)  # [BLOCK_N]
+        y_ptrs = y_ptr + t * stride_yt + n * stride_yn
+        y = tl.load(y_ptrs, mask=n_ok, other=0.0)
+        tl.store(y_ptrs, (y.to(tl.float32) + out).to(y.dtype), mask=n_ok)

@@ -1,26 +1,29 @@
 """The batched LoRA add as Triton kernels: ``y[t] += scale[s] * (x[t] @ A[s].T) @ B[s]`` with ``s = slot of token t``.
 
-Same semantics, layouts and signature as the ops in ``server.lora.ops`` (it is tested against
-``lora_add_reference``), as two launches per layer, a shrink into float32 partials and an expand into ``y``:
+Same semantics, layouts and signature as the ops in ``server.lora.ops``, tested against ``lora_add_reference``:
 
-- SGMV (segmented, for prefill): tokens come in blocks of one slot, taken from ``mapping.segments``; each block
-  multiplies its tokens by its adapter with ``tl.dot`` tiles, so an adapter's weights are read once per block.
-- BGMV (gathered, for decode): one program per token reads the token's slot from ``mapping.token_slots``; a GEMV
-  per token, no padded rows when every adapter has a single token.
+- SGMV (segmented, for prefill), two launches per layer: a shrink of blocks of one slot's tokens (taken from
+  ``mapping.segments``) into float32 partials, then an expand into ``y``; both ``tl.dot`` tiles, so an adapter's
+  weights are read once per block of tokens.
+- BGMV (gathered, for decode), one launch per layer: one program per (token, column slice) reads the token's slot
+  from ``mapping.token_slots`` and does the token's two small GEMVs; no padded rows, no partials in memory.
 
-``triton`` picks per step: BGMV when the adapter tokens are at most ``DECODE_TOKENS_PER_SLOT`` per slot present
-(decode), SGMV otherwise; ``triton_sgmv`` and ``triton_bgmv`` force one kernel pair (tests, benchmarks).
+``triton`` picks per step: BGMV while no slot has more than ``BGMV_MAX_TOKENS_PER_SLOT`` tokens (decode steps),
+SGMV otherwise (prefill, steps with a prompt chunk, many rows on one adapter); ``triton_sgmv`` and ``triton_bgmv``
+force one (tests, benchmarks). The kernels are in ``server.lora.triton_kernels``.
 
-No host sync: block tables are built from the mapping's host-side ints once per mapping (every layer of the step
-reuses them) and copied to the device from pinned memory; each layer's ranks are copied again only when they
-change. Triton is imported on first use, so this module imports without it (``TRITON_AVAILABLE``). On CPU tensors
-the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1`` before triton is first imported).
+No host sync and little host work, since a decode step makes one call per wrapped layer: the plan (block table,
+grids) is built from the mapping's host-side ints once per mapping and shared by every layer of the step, block
+tables and ranks reach the device from pinned memory, a layer's ranks are copied again only when they change,
+and SGMV's partials live in one reused workspace. Triton is imported on first use, so this module imports without
+it (``TRITON_AVAILABLE``). CPU tensors run only under Triton's interpreter (``TRITON_INTERPRET=1`` set before
+triton is first imported; the tests do that in a subprocess).
 """
 
 import importlib.util
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from types import ModuleType
 
@@ -31,9 +34,13 @@ from server.lora.slots import BASE_SLOT
 
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 
-DECODE_TOKENS_PER_SLOT = 2  # ``triton`` takes the per-token (BGMV) kernels up to this many tokens per slot on average
+# ``triton`` takes the per-token (BGMV) kernel while no slot has more tokens than this: a decode step, however many
+# adapters. Past it, re-reading an adapter's weights for every token (from L2) costs more than SGMV's second launch.
+BGMV_MAX_TOKENS_PER_SLOT = 32
 TILE_ELEMENTS = 8192  # BGMV tiles are [BLOCK_R, BLOCK_K or BLOCK_N]; this bounds their size (registers)
-PROGRAMS_PER_SM = 4  # the reduction is split until the shrink launches about this many programs per SM
+PROGRAMS_PER_SM = 4  # SGMV splits reductions, narrows output tiles, until a launch has about this many programs per SM
+MAX_SPLIT_K = 16  # SGMV: more splits make the expand sum more partials than the split saves
+MAX_COLUMN_SLICES = 8  # BGMV: every column slice of a token recomputes its x @ A.T row (from L2)
 
 
 @cache
@@ -54,11 +61,27 @@ def triton_usable() -> bool:
     return True
 
 
+@cache
 def interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter; read once, as triton itself does when first imported."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 @dataclass(frozen=True)
+class _Launch:
+    """Grids and tiles for one layer shape under one plan; partials are [split_k, T, block_r] in the workspace."""
+
+    shrink_grid: tuple[int, int]  # SGMV only
+    expand_grid: tuple[int, int]  # the expand, or the one BGMV launch
+    block_r: int
+    block_k: int
+    block_n: int
+    split_k: int  # SGMV: ways the shrink's reduction is split
+    n_per_program: int  # BGMV: output columns per program
+    precision: str
+
+
+@dataclass(frozen=True, eq=False)
 class _Plan:
     """What the kernels need from one step's mapping, built once and shared by every layer of the step.
 
@@ -67,6 +90,7 @@ class _Plan:
     blocks:     [num_blocks * 3] int32 on the device, (slot, start, end) positions of each block of <= block_m
                 tokens of one slot; positions index ``x`` directly, or ``x[order]`` when ``gathered``
     order:      [N] int64 adapter tokens sorted by slot when ``gathered``, else any int64 tensor (never read)
+    launches:   (in, out, rank, dtype) -> _Launch, filled by the first layer of each shape
     """
 
     slots: tuple[int, ...]
@@ -76,10 +100,16 @@ class _Plan:
     block_m: int
     gathered: bool
     order: torch.Tensor
+    launches: dict[tuple[int, int, int, torch.dtype], _Launch] = field(default_factory=dict)
 
 
 class TritonLoraAdd:
-    """A ``LoraAddOp`` backed by the Triton kernels; ``mode`` is ``auto``, ``sgmv`` or ``bgmv``."""
+    """A ``LoraAddOp`` backed by the Triton kernels; ``mode`` is ``auto``, ``sgmv`` or ``bgmv``.
+
+    A call costs one (decode) or two (SGMV) launches and a few look-ups. SGMV's float32 partials live in one
+    workspace reused by every layer: launches on one stream run in order, so a layer never overwrites partials
+    that the previous layer still reads (do not share an instance between streams).
+    """
 
     def __init__(self, mode: str = "auto") -> None:
         if mode not in ("auto", "sgmv", "bgmv"):
@@ -87,7 +117,9 @@ class TritonLoraAdd:
         self.mode = mode
         self._plan_mapping: TokenSlotMapping | None = None  # one-entry cache: every layer of a step asks alike
         self._plan: _Plan | None = None
-        self._ranks: dict[tuple[int, torch.device], tuple[tuple[int, ...], torch.Tensor]] = {}
+        self._ranks: dict[tuple[int, int], tuple[tuple[int, ...], torch.Tensor]] = {}
+        self._rank_memo: tuple[_Plan | None, tuple[int, ...], int] = (None, (), 0)  # consecutive layers alike
+        self._workspace = torch.empty(0)
 
     def __call__(
         self,
@@ -107,64 +139,56 @@ class TritonLoraAdd:
         """
         if not mapping.segments:
             return
-        plan = self._plan_of(mapping)
-        rank_max = max(map(ranks.__getitem__, plan.slots))
+        plan = self._plan if self._plan_mapping is mapping and self._plan is not None else self._new_plan(mapping)
+        rank_t, rank_max = self._ranks_of(ranks, a, plan)
         if rank_max == 0:  # no adapter in this step touches this layer
             return
-        if x.device.type != "cuda" and not interpreting():
-            raise RuntimeError("the Triton LoRA kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tests)")
-        k = kernels()
-        rank_t = self._rank_tensor(ranks, a.device)
         tokens, d_in = x.shape
         d_out = y.shape[1]
-        block_r = max(16, _pow2(rank_max))
-        upcast = interpreting()
+        key = (d_in, d_out, rank_max, x.dtype)
+        go = plan.launches.get(key) or self._new_launch(plan, key, tokens)
+        k = kernels()
+        ws, (sxt, sxk), (sas, sar, sak), (sbs, sbr, sbn), (syt, syn) = (
+            self._workspace, x.stride(), a.stride(), b.stride(), y.stride()
+        )  # fmt: skip
         if plan.decode:
-            block_k = max(16, min(_pow2(d_in), TILE_ELEMENTS // block_r))
-            block_n = max(16, min(_pow2(d_out), TILE_ELEMENTS // block_r))
-            split_k = _split_k(tokens, d_in, block_k, x.device)
-            part = torch.empty((split_k, tokens, block_r), dtype=torch.float32, device=x.device)
-            k.bgmv_shrink_kernel[(tokens, split_k)](
-                x, a, part, mapping.token_slots, rank_t, d_in, split_k,
-                x.stride(0), x.stride(1), a.stride(0), a.stride(1), a.stride(2), part.stride(0), part.stride(1),
-                BLOCK_R=block_r, BLOCK_K=block_k, BASE=BASE_SLOT,
-            )  # fmt: skip
-            k.bgmv_expand_kernel[(tokens, _cdiv(d_out, block_n))](
-                part, b, scales, y, mapping.token_slots, rank_t, d_out, split_k,
-                part.stride(0), part.stride(1), b.stride(0), b.stride(1), b.stride(2), y.stride(0), y.stride(1),
-                BLOCK_R=block_r, BLOCK_N=block_n, BASE=BASE_SLOT,
+            k.bgmv_kernel[go.expand_grid](
+                x, a, b, scales, y, mapping.token_slots, rank_t, d_in, d_out, go.n_per_program,
+                sxt, sxk, sas, sar, sak, sbs, sbr, sbn, syt, syn,
+                BLOCK_R=go.block_r, BLOCK_K=go.block_k, BLOCK_N=go.block_n, BASE=BASE_SLOT,
             )  # fmt: skip
             return
-        precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 only applies to float32 operands
-        block_k = max(16, min(_pow2(d_in), 64))
-        block_n = max(16, min(_pow2(d_out), 128))
-        split_k = _split_k(plan.num_blocks, d_in, block_k, x.device)
-        part = torch.empty((split_k, tokens, block_r), dtype=torch.float32, device=x.device)
-        k.sgmv_shrink_kernel[(plan.num_blocks, split_k)](
-            x, a, part, plan.blocks, plan.order, rank_t, d_in, split_k,
-            x.stride(0), x.stride(1), a.stride(0), a.stride(1), a.stride(2), part.stride(0), part.stride(1),
-            BLOCK_M=plan.block_m, BLOCK_R=block_r, BLOCK_K=block_k, GATHERED=plan.gathered,
-            PRECISION=precision, UPCAST_DOT=upcast,
+        sps = tokens * go.block_r
+        upcast = interpreting()
+        k.sgmv_shrink_kernel[go.shrink_grid](
+            x, a, ws, plan.blocks, plan.order, rank_t, d_in, go.split_k,
+            sxt, sxk, sas, sar, sak, sps, go.block_r,
+            BLOCK_M=plan.block_m, BLOCK_R=go.block_r, BLOCK_K=go.block_k, GATHERED=plan.gathered,
+            PRECISION=go.precision, UPCAST_DOT=upcast,
         )  # fmt: skip
-        k.sgmv_expand_kernel[(plan.num_blocks, _cdiv(d_out, block_n))](
-            part, b, scales, y, plan.blocks, plan.order, rank_t, d_out, split_k,
-            part.stride(0), part.stride(1), b.stride(0), b.stride(1), b.stride(2), y.stride(0), y.stride(1),
-            BLOCK_M=plan.block_m, BLOCK_R=block_r, BLOCK_N=block_n, GATHERED=plan.gathered,
-            PRECISION=precision, UPCAST_DOT=upcast,
+        k.sgmv_expand_kernel[go.expand_grid](
+            ws, b, scales, y, plan.blocks, plan.order, rank_t, d_out, go.split_k,
+            sps, go.block_r, sbs, sbr, sbn, syt, syn,
+            BLOCK_M=plan.block_m, BLOCK_R=go.block_r, BLOCK_N=go.block_n, GATHERED=plan.gathered,
+            PRECISION=go.precision, UPCAST_DOT=upcast,
         )  # fmt: skip
 
-    def _plan_of(self, mapping: TokenSlotMapping) -> _Plan:
-        if self._plan_mapping is not mapping or self._plan is None:
-            self._plan = self._build_plan(mapping)
-            self._plan_mapping = mapping
-        return self._plan
+    def _new_plan(self, mapping: TokenSlotMapping) -> _Plan:
+        device = mapping.token_slots.device
+        if device.type != "cuda" and not interpreting():
+            raise RuntimeError("the Triton LoRA kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tests)")
+        if self._workspace.device != device:
+            self._workspace = torch.empty(0, dtype=torch.float32, device=device)
+        plan = self._build_plan(mapping)
+        self._plan, self._plan_mapping = plan, mapping
+        return plan
 
     def _build_plan(self, mapping: TokenSlotMapping) -> _Plan:
         segments = mapping.segments
         slots = tuple(slot for slot, _, _ in segments)
         lengths = [end - start for _, start, end in segments]
         device = mapping.token_slots.device
-        decode = self.mode == "bgmv" or (self.mode == "auto" and sum(lengths) <= DECODE_TOKENS_PER_SLOT * len(segments))
+        decode = self.mode == "bgmv" or (self.mode == "auto" and max(lengths) <= BGMV_MAX_TOKENS_PER_SLOT)
         if decode:
             empty = torch.empty(0, dtype=torch.int32, device=device)
             return _Plan(slots, True, empty, 0, 0, False, mapping.token_slots)
@@ -177,18 +201,46 @@ class TritonLoraAdd:
         order = mapping.order if mapping.gathered else mapping.token_slots
         return _Plan(slots, False, _upload(blocks, device), len(blocks) // 3, block_m, mapping.gathered, order)
 
-    def _rank_tensor(self, ranks: Sequence[int], device: torch.device) -> torch.Tensor:
-        """ranks as [S+1] int32 on ``device``; copied again only when a slot of this layer changed."""
-        key = (id(ranks), device)
+    def _new_launch(self, plan: _Plan, key: tuple[int, int, int, torch.dtype], tokens: int) -> _Launch:
+        d_in, d_out, rank_max, dtype = key
+        device = self._workspace.device
+        block_r = max(16, _pow2(rank_max))
+        precision = "ieee" if dtype == torch.float32 else "tf32"  # tf32 applies to float32 operands only
+        if plan.decode:  # one launch: (token, column slice) programs, about one wave of them
+            block_k = max(16, min(_pow2(d_in), TILE_ELEMENTS // block_r))
+            block_n = max(16, min(_pow2(d_out), TILE_ELEMENTS // block_r))
+            col_blocks = _cdiv(d_out, block_n)
+            split_n = max(1, min(col_blocks, MAX_COLUMN_SLICES, _cdiv(_sm_count(device), tokens)))
+            per_program = _cdiv(col_blocks, split_n) * block_n
+            grid = (tokens, _cdiv(d_out, per_program))
+            launch = _Launch(grid, grid, block_r, block_k, block_n, 1, per_program, precision)
+        else:
+            rows = plan.num_blocks
+            block_k = max(16, min(_pow2(d_in), 64))
+            block_n = _block_n(rows, d_out, 128, device)
+            split_k = _split_k(rows, d_in, block_k, device)
+            if self._workspace.numel() < split_k * tokens * block_r:
+                self._workspace = torch.empty(2 * split_k * tokens * block_r, dtype=torch.float32, device=device)
+            shrink, expand = (rows, split_k), (rows, _cdiv(d_out, block_n))
+            launch = _Launch(shrink, expand, block_r, block_k, block_n, split_k, 0, precision)
+        plan.launches[key] = launch
+        return launch
+
+    def _ranks_of(self, ranks: Sequence[int], a: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, int]:
+        """The layer's ranks as [S+1] int32 on the device (copied again only when they change), and the largest
+        rank among the step's slots (computed once for a run of layers with equal ranks)."""
         snapshot = tuple(ranks)
+        key = (id(ranks), a.data_ptr())  # a layer's ranks list and its A buffer; the snapshot catches id reuse
         cached = self._ranks.get(key)
-        if cached is not None and cached[0] == snapshot:
-            return cached[1]
-        if len(self._ranks) > 4096:  # layers come and go in tests; ids may be reused, the snapshot check covers it
-            self._ranks.clear()
-        tensor = _upload(list(snapshot), device)
-        self._ranks[key] = (snapshot, tensor)
-        return tensor
+        if cached is None or cached[0] != snapshot:
+            if len(self._ranks) > 4096:  # layers come and go in tests
+                self._ranks.clear()
+            cached = self._ranks[key] = (snapshot, _upload(list(snapshot), a.device))
+        memo_plan, memo_snapshot, rank_max = self._rank_memo
+        if memo_plan is not plan or memo_snapshot != snapshot:
+            rank_max = max(map(snapshot.__getitem__, plan.slots))
+            self._rank_memo = (plan, snapshot, rank_max)
+        return cached[1], rank_max
 
 
 def _upload(values: list[int], device: torch.device) -> torch.Tensor:
@@ -203,7 +255,7 @@ def _upload(values: list[int], device: torch.device) -> torch.Tensor:
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).multi_processor_count)
-    return 8  # the interpreter: enough programs that tests split the reduction
+    return 16  # the interpreter: enough programs that tests split reductions and columns
 
 
 def _split_k(rows: int, d_in: int, block_k: int, device: torch.device) -> int:
@@ -211,9 +263,17 @@ def _split_k(rows: int, d_in: int, block_k: int, device: torch.device) -> int:
     want = _cdiv(PROGRAMS_PER_SM * _sm_count(device), rows)
     chunks = _cdiv(d_in, block_k)
     split = 1
-    while split < want and split * 2 <= chunks:
+    while split < want and split * 2 <= min(chunks, MAX_SPLIT_K):
         split *= 2
     return split
+
+
+def _block_n(rows: int, d_out: int, largest: int, device: torch.device) -> int:
+    """Output columns per expand program: ``largest`` unless fewer columns are needed to fill the device."""
+    block_n = max(16, min(_pow2(d_out), largest))
+    while block_n > 64 and rows * _cdiv(d_out, block_n) < PROGRAMS_PER_SM * _sm_count(device):
+        block_n //= 2
+    return block_n
 
 
 def _cdiv(a: int, b: int) -> int:
