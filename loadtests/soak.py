@@ -15,220 +15,29 @@ docs/reliability.md between the soak markers. Set-up and checks add well under a
 
 import argparse
 import asyncio
-import datetime
-import gzip
-import io
 import json
-import os
-import pickle
 import random
 import sys
-import tarfile
 import tempfile
 import time
-import zipfile
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from loadtests.soak_payloads import HOSTILE, KNOWN_ISSUES, Payloads, raw_status  # noqa: E402
+from loadtests.soak_report import RSS_GROWTH_LIMIT_MIB, render, write_docs  # noqa: E402
 from tests.http_server import ServerProcess  # noqa: E402
 
 API_KEY, ADMIN_KEY = "soak-api-key", "soak-admin-key"
 MAX_QUEUE = 8
 WORDS = "the customer asked about a refund for the delivery of an order and the pirate captain sails to sea".split()
 FINISHED = ("length", "stop", "eos")
-# Server RSS may grow this much from the end of the warm-up (the first quarter) to the end of the run; the reasoning
-# is in the summary (render) and docs/reliability.md.
-RSS_GROWTH_LIMIT_MIB = 64
-# Answers that are server bugs already reported: counted and shown in the summary, not failed. Remove an entry once
-# its bug is fixed.
-KNOWN_ISSUES: dict[tuple[str, int], str] = {}
-DOCS = ROOT / "docs" / "reliability.md"
-BEGIN, END = "<!-- soak:begin -->", "<!-- soak:end -->"
 PEFT_TOKENS = 12
-
-
-# ---- what the soak sends -----------------------------------------------------------------------------------------
-@dataclass
-class Payloads:
-    """The model, the adapters (registered at start, and sources for uploads) and prebuilt hostile bodies."""
-
-    base_dir: Path
-    stable_root: Path  # one folder per adapter registered at startup
-    stable: dict[str, Path]
-    churn_sources: dict[str, Path]
-    max_upload_bytes: int
-    escape_marker: Path  # what an unpickled file would create; zip-slip members aim next to it (escaped-*)
-    zip_bomb: bytes
-    pickle_bytes: bytes
-    base_id: str = ""
-
-    @classmethod
-    def build(cls, work: Path, model: str) -> "Payloads":
-        from transformers import AutoModelForCausalLM
-
-        from tests.factories import ADAPTER_CONFIGS, save_peft_adapter, save_tiny_model
-
-        if model == "tiny":
-            base_dir = save_tiny_model(work / "model")
-        else:
-            from server.model.embedded import ensure_embedded_model
-
-            base_dir = ensure_embedded_model()
-        base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
-        stable = {f"stable-{c}": work / "stable" / f"stable-{c}" for c in "abc"}
-        churn = {f"source-{c}": work / "churn" / f"source-{c}" for c in "de"}
-        for i, folder in enumerate([*stable.values(), *churn.values()]):
-            config = ADAPTER_CONFIGS[i if i < 3 else i + 1]  # 0, 1, 2 stay; 4, 5 come and go
-            save_peft_adapter(base, folder, seed=500 + i, **config)
-        del base
-        # Startup adapters are held to the upload limit too.
-        biggest = max((f / "adapter_model.safetensors").stat().st_size for f in [*stable.values(), *churn.values()])
-        marker = work / "escaped"
-
-        class Escape:  # unpickling this creates the marker folder: it must never happen
-            def __reduce__(self):
-                return (os.mkdir, (str(marker),))
-
-        bomb = io.BytesIO()
-        with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
-            zf.writestr("adapter_config.json", (next(iter(churn.values())) / "adapter_config.json").read_text())
-            zf.writestr("adapter_model.safetensors", bytes(32 * 2**20))  # 32 MiB of zeros in ~32 KiB
-        return cls(base_dir, work / "stable", stable, churn, max(2**20, 2 * biggest), marker, bomb.getvalue(),
-                   pickle.dumps(Escape()))  # fmt: skip
-
-    def files(self, folder: Path, config: bytes | None = None, weights: bytes | None = None) -> dict:
-        config = config if config is not None else (folder / "adapter_config.json").read_bytes()
-        weights = weights if weights is not None else (folder / "adapter_model.safetensors").read_bytes()
-        return {"adapter_config": ("adapter_config.json", config),
-                "adapter_model": ("adapter_model.safetensors", weights)}  # fmt: skip
-
-    def upload_files(self, name: str, source: str) -> dict:
-        return {"data": {"name": name}, "files": self.files(self.churn_sources[source])}
-
-    def upload_archive(self, name: str, source: str) -> dict:
-        return archive_upload(name, zip_of({f"save/{f.name}": f.read_bytes()
-                                            for f in self.churn_sources[source].iterdir()}))  # fmt: skip
-
-    @property
-    def a_source(self) -> Path:
-        return next(iter(self.churn_sources.values()))
-
-
-def zip_of(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
-    return buffer.getvalue()
-
-
-def tar_gz_with_symlink(target: str) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tf:
-        link = tarfile.TarInfo("save/adapter_model.safetensors")
-        link.type, link.linkname = tarfile.SYMTYPE, target
-        tf.addfile(link)
-    return buffer.getvalue()
-
-
-def archive_upload(name: str, archive: bytes) -> dict:
-    return {"data": {"name": name}, "files": {"archive": ("adapter.zip", archive)}}
-
-
-def adapter_zip(p: Payloads, extra: dict[str, bytes]) -> bytes:
-    return zip_of({**{f.name: f.read_bytes() for f in p.a_source.iterdir()}, **extra})
-
-
-def post(path: str, **kw) -> dict:
-    return {"method": "POST", "path": path, **kw}
-
-
-def upload(p: Payloads, key: str = "admin", **kw) -> dict:
-    return post("/v1/adapters", key=key, **kw)
-
-
-async def chunked_archive(total: int):
-    """A multipart upload sent with Transfer-Encoding: chunked (no Content-Length) whose archive part never ends
-    before ``total`` bytes."""
-    yield (b'--b\r\nContent-Disposition: form-data; name="name"\r\n\r\nhuge\r\n--b\r\n'
-           b'Content-Disposition: form-data; name="archive"; filename="a.zip"\r\n\r\n')  # fmt: skip
-    piece = b"\0" * 2**16
-    for _ in range(total // len(piece) + 1):
-        yield piece
-    yield b"\r\n--b--\r\n"
-
-
-# (kind, statuses it may get, request). A request is the keyword arguments of Soak.call, or {"raw": bytes} for a
-# request head sent on a plain socket (a Content-Length httpx would not send).
-HOSTILE: list[tuple[str, set[int], Callable[[Payloads], dict]]] = [
-    ("bad-json", {400, 422}, lambda p: post("/v1/generate", content=b'{"prompt": "hi", ', headers=_JSON)),
-    ("not-utf8-json", {400, 422}, lambda p: post("/v1/generate", content=b"\xff\xfe{", headers=_JSON)),
-    ("wrong-types", {422}, lambda p: post("/v1/generate", json={"prompt": 5, "max_new_tokens": "many"})),
-    ("huge-max-new-tokens", {400, 422}, lambda p: post("/v1/generate", json={"prompt": "hi", "max_new_tokens": 10**6})),
-    ("over-schema-max", {422}, lambda p: post("/v1/generate", json={"prompt": "hi", "max_new_tokens": 10**12})),
-    ("too-many-prompt-tokens", {400}, lambda p: post("/v1/generate", json={"prompt": "refund " * 400})),
-    ("oversize-body", {413}, lambda p: post("/v1/generate", json={"prompt": "x" * 100_000})),
-    ("unknown-adapter", {404}, lambda p: post("/v1/generate", json={"adapter": "no-such", "prompt": "hi"})),
-    ("unknown-model", {404}, lambda p: post("/v1/completions", json={"model": "no-such", "prompt": "hi"})),
-    ("traversal-adapter", {404}, lambda p: post("/v1/generate", json={"adapter": "../../etc/passwd", "prompt": "x"})),
-    ("traversal-url", {404}, lambda p: {"method": "GET", "path": "/v1/adapters/..%2F..%2Fetc%2Fpasswd"}),
-    ("traversal-delete", {404, 405}, lambda p: {"method": "DELETE", "path": "/v1/adapters/..%2Fstable-a",
-                                                 "key": "admin"}),
-    ("traversal-name", {400}, lambda p: upload(p, data={"name": "../escaped"}, files=p.files(p.a_source))),
-    ("dotdot-name", {400}, lambda p: upload(p, data={"name": ".."}, files=p.files(p.a_source))),
-    ("oversize-upload", {413}, lambda p: upload(p, data={"name": "big"},
-                                                 files=p.files(p.a_source, weights=bytes(p.max_upload_bytes + 1)))),
-    ("oversize-chunked-upload", {413}, lambda p: upload(p, content=chunked_archive(2 * p.max_upload_bytes + 2**21),
-                                                        headers={"content-type": "multipart/form-data; boundary=b"})),
-    ("declared-huge-upload", {413}, lambda p: {"raw": b"POST /v1/adapters HTTP/1.1\r\nHost: x\r\n"
-                                                      b"Content-Length: 1000000000000\r\n\r\n"}),
-    ("malformed-multipart", {400, 422}, lambda p: upload(p, content=b"--x\r\ngarbage\r\n",
-                                                         headers={"content-type": "multipart/form-data; boundary=x"})),
-    ("missing-files", {400}, lambda p: upload(p, data={"name": "nofiles"}, files={"unrelated": ("a", b"b")})),
-    ("zip-slip", {400}, lambda p: upload(p, **archive_upload("slip", adapter_zip(p, {
-        "../../escaped-slip": b"x", "save/../../../escaped-slip": b"x"})))),  # fmt: skip
-    ("absolute-member", {400}, lambda p: upload(p, **archive_upload("abs", adapter_zip(
-        p, {f"{p.escape_marker}-absolute": b"x"})))),  # fmt: skip
-    ("tar-symlink", {400}, lambda p: upload(p, **archive_upload("link", tar_gz_with_symlink("/etc/passwd")))),
-    ("zip-bomb", {400, 413}, lambda p: upload(p, **archive_upload("bomb", p.zip_bomb))),
-    ("not-an-archive", {400}, lambda p: upload(p, **archive_upload("junk", os.urandom(4096)))),
-    ("gzip-not-tar", {400}, lambda p: upload(p, **archive_upload("gz", gzip.compress(os.urandom(4096))))),
-    ("corrupt-safetensors", {422}, lambda p: upload(p, data={"name": "corrupt"},
-                                                     files=p.files(p.a_source, weights=os.urandom(5000)))),
-    ("bad-config-json", {400, 422}, lambda p: upload(p, data={"name": "badcfg"},
-                                                      files=p.files(p.a_source, config=b"{not json"))),
-    ("pickle-weights", {422}, lambda p: upload(p, data={"name": "pickled"},
-                                                files=p.files(p.a_source, weights=p.pickle_bytes))),
-    ("pickle-in-archive", {422}, lambda p: upload(p, **archive_upload("pkl", adapter_zip(
-        p, {"adapter_model.bin": p.pickle_bytes})))),  # fmt: skip
-    ("wrong-method", {405}, lambda p: {"method": "PUT", "path": "/v1/generate"}),
-    ("unknown-path", {404}, lambda p: {"method": "GET", "path": "/v1/nothing-here"}),
-    ("auth-missing", {401}, lambda p: post("/v1/generate", key="none", json={"prompt": "hi"})),
-    ("auth-wrong", {401}, lambda p: post("/v1/completions", key="bad", json={"model": "x", "prompt": "hi"})),
-    ("auth-not-admin", {403}, lambda p: upload(p, key="api", data={"name": "x"}, files=p.files(p.a_source))),
-    ("auth-delete-not-admin", {403}, lambda p: {"method": "DELETE", "path": "/v1/adapters/stable-a", "key": "api"}),
-]
-_JSON = {"content-type": "application/json"}
-
-
-async def raw_status(url: str, head: bytes) -> int:
-    """Send a request head on a plain socket and read the status code of the answer."""
-    where = urlsplit(url)
-    reader, writer = await asyncio.open_connection(where.hostname, where.port)
-    try:
-        writer.write(head)
-        await writer.drain()
-        return int((await asyncio.wait_for(reader.readline(), 10)).split()[1])
-    finally:
-        writer.close()
 
 
 # ---- the traffic ---------------------------------------------------------------------------------------------------
@@ -491,58 +300,6 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmRSS for process {pid}")
-
-
-def render(args: argparse.Namespace, soak: Soak, memory: dict[str, float], phases: dict[str, float], checks) -> str:
-    traffic = phases["traffic"]
-    statuses = sorted({s for c in soak.statuses.values() for s in c}, key=lambda s: (not s.isdigit(), s))
-    flags = f"--duration {args.duration:g} --concurrency {args.concurrency} --model {args.model}"
-    lines = [
-        "`loadtests/soak.py` starts a server process (tiny random Llama by default; `--model embedded` for SmolLM2) "
-        "with API and admin keys, 2 accelerator slots, 2 CPU copies, a batch of 4 and a queue of 8, and for "
-        "`--duration` seconds runs concurrent clients that mix generation (our API and the OpenAI one, streamed and "
-        "not, the base and three adapters), hostile requests (one row each below), adapter uploads and deletes "
-        "(during a stream with the adapter, or right after a request for it), client hang-ups and bursts of three "
-        "times the queue. Every request names the statuses it may get; any other, any 5xx (a 503 with Retry-After "
-        "only in a burst), or a 429 without Retry-After fails the run. Afterwards: health, the adapter list, PEFT's "
-        "greedy tokens for the base and every adapter left, no file escaped an archive or a pickle, no traceback "
-        f"in the server log, and server RSS at the end at most {RSS_GROWTH_LIMIT_MIB} MiB above its value after the "
-        "warm-up (the first quarter, when every code path has run). Measured on the tiny model, RSS rises 15-20 MiB "
-        "in the first minutes and then flattens (a 300 s run read 413, 421, 427, 428 MiB at its quarters): allocator "
-        "caches and arenas settling. The limit is 3-4 times that; a two-minute run (about 3,500 requests after the "
-        "warm-up) crosses it with a leak of about 20 KiB per request, e.g. one KV-cache row per request (96 KiB on "
-        "the tiny model). Smaller leaks need a longer `--duration`; the quarter readings show whether RSS still "
-        "climbs. `tests/test_soak.py` runs the soak for 15 s in `make test`.",
-        "",
-        f"Last run {datetime.date.today().isoformat()}: `python loadtests/soak.py {flags}"
-        f"{' --no-keys' if args.no_keys else ''}`, {soak.requests} requests in {traffic:.0f} s "
-        f"({soak.requests / max(traffic, 1e-9):.1f}/s), {sum(phases.values()):.0f} s in all ("
-        + ", ".join(f"{phase} {seconds:.0f} s" for phase, seconds in phases.items() if phase != "traffic")
-        + "). Server RSS after each quarter of the "
-        f"run: {memory['warm']:.0f}, {memory['half']:.0f}, {memory['three quarters']:.0f}, {memory['end']:.0f} MiB "
-        f"({memory['peak']:.0f} MiB at most).",
-        "",
-        "| check | result |",
-        "| --- | --- |",
-        *(f"| {text} | {'pass' if ok else '**FAIL**'} |" for text, ok in checks),
-        "",
-        *(f"Known issue, not failed: {kind} got {status} {soak.statuses[kind][str(status)]} times: {issue}."
-          for (kind, status), issue in KNOWN_ISSUES.items() if soak.statuses.get(kind, {}).get(str(status))),
-        "",
-        "| request kind | " + " | ".join(statuses) + " |",
-        "| --- |" + " ---: |" * len(statuses),
-        *(f"| {kind} | " + " | ".join(str(c.get(s, "")) for s in statuses) + " |"
-          for kind, c in sorted(soak.statuses.items())),  # fmt: skip
-    ]
-    return "\n".join(lines)
-
-
-def write_docs(summary: str) -> None:
-    text = DOCS.read_text() if DOCS.exists() else "# Reliability\n"
-    if BEGIN not in text or END not in text:
-        text = text.rstrip("\n") + f"\n\n## Soak test\n\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    DOCS.write_text(f"{head}{BEGIN}\n{summary}\n{END}{rest.split(END, 1)[1]}")
 
 
 def main(argv: list[str] | None = None) -> int:
