@@ -338,3 +338,27 @@ def test_adapter_deleted_while_waiting_finishes_as_deleted_not_failed(setup) -> 
     run_until_done(engine)
     result = handle.result()
     assert result.finish_reason == FinishReason.ADAPTER_DELETED and "deleted" in (result.error or "")
+
+
+def test_non_finite_logits_fail_only_their_request(setup, monkeypatch) -> None:
+    model_dir, adapters, _ = setup
+    engine = make_engine(model_dir, adapters)
+    real_run = engine.runner._run
+    calls = {"n": 0}
+
+    def poisoned(chunks):
+        logits = real_run(chunks).clone()  # out of inference mode, so it can be edited
+        calls["n"] += 1
+        if calls["n"] == 1:
+            logits[0] = float("nan")  # the first scheduled request's row, as a broken adapter would make it
+        return logits
+
+    monkeypatch.setattr(engine.runner, "_run", poisoned)
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    broken = engine.submit([1, 2, 3], "a0", params)
+    fine = engine.submit([4, 5, 6], "a1", params)
+    run_until_done(engine)
+    failed, served = broken.result(), fine.result()
+    assert failed.finish_reason == FinishReason.ERROR and "non-finite" in (failed.error or "")
+    assert served.finish_reason == FinishReason.LENGTH and served.completion_tokens == 4
+    assert engine.scheduler.num_running == 0

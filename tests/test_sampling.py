@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from server.engine.sampling import RowSampler, SamplingParams, filter_top_k_top_p, sample
+from server.engine.sampling import INVALID_TOKEN, RowSampler, SamplingParams, filter_top_k_top_p, sample
 
 VOCAB = 64
 
@@ -54,6 +54,25 @@ def test_seeded_row_is_independent_of_batch() -> None:
     batched_tokens = [sample(logits, batch)[2] for logits in steps]
     assert batched_tokens == alone_tokens
     assert len(set(alone_tokens)) > 1  # really sampling, not a constant
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+@pytest.mark.parametrize("bad", [SamplingParams(temperature=1.1, seed=3), SamplingParams()], ids=["sampled", "greedy"])
+def test_a_row_without_a_usable_distribution_fails_alone(poison: float, bad: SamplingParams) -> None:
+    """NaN/inf logits in one row (a broken adapter) give that row INVALID_TOKEN; the others sample as if alone."""
+    target = SamplingParams(temperature=0.9, seed=99)
+    steps = _steps(20, 4, seed=5)
+    alone_sampler = RowSampler(target)
+    alone = [sample(logits[1:2], [alone_sampler])[0] for logits in steps]
+    batch = [RowSampler(bad), RowSampler(target), RowSampler(SamplingParams())]
+    got = []
+    for logits in steps:
+        logits = logits[:3].clone()
+        logits[0, 3] = poison
+        tokens = sample(logits, batch)
+        assert tokens[0] == INVALID_TOKEN and tokens[2] == int(logits[2].argmax())
+        got.append(tokens[1])
+    assert got == alone and len(set(alone)) > 1
 
 
 def test_top_k_one_and_tiny_top_p_are_greedy() -> None:

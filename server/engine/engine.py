@@ -22,7 +22,7 @@ from server.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from server.engine.handle import RequestHandle, RequestOutput
 from server.engine.model_runner import AcceleratorOutOfMemory, ModelRunner, SequenceChunk
 from server.engine.request import FinishReason, Sequence
-from server.engine.sampling import RowSampler, SamplingParams, sample
+from server.engine.sampling import INVALID_TOKEN, RowSampler, SamplingParams, sample
 from server.engine.scheduler import Scheduler
 from server.engine.stats import FinishedRecord, finished_record
 from server.lora.prefetch import AdapterPrefetcher
@@ -202,7 +202,11 @@ class Engine:
         for item in plan.scheduled:
             item.seq.num_computed += item.num_tokens
         for seq, token in zip(needing, tokens, strict=True):
-            self._append_token(self._live[seq.request_id], token)
+            if token == INVALID_TOKEN:
+                error = "the model produced non-finite scores for this request (NaN or infinite logits)"
+                self._finish(self._live[seq.request_id], FinishReason.ERROR, error=error)
+            else:
+                self._append_token(self._live[seq.request_id], token)
         return plan.num_tokens
 
     def has_work(self) -> bool:

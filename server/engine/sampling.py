@@ -94,17 +94,23 @@ def filter_top_k_top_p(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     return scores.masked_fill(remove_desc.scatter(1, order, remove_desc), -math.inf)
 
 
+INVALID_TOKEN = -1  # sample()'s answer for a row without a usable distribution
+
+
 def sample(logits: torch.Tensor, samplers: Sequence[RowSampler]) -> list[int]:
     """logits [N, V] float (one row per request that needs a token this step) -> one token id per row.
 
     Greedy rows: argmax (all greedy rows done in one batched argmax). Other rows: logits / temperature, then top-k,
     then top-p, then one torch.multinomial draw with the row's own generator, so a seeded row's tokens do not depend
     on its neighbours. Computed in float32 whatever the input dtype; a single device->host transfer at the end.
+    A row whose logits (or, sampling, probabilities) are not finite gets INVALID_TOKEN and leaves the other rows
+    untouched: one broken request must not fail the step.
     """
     assert logits.dim() == 2 and logits.shape[0] == len(samplers), "one logits row per sampler"
     if not samplers:
         return []
     logits = logits.float()
+    valid = torch.isfinite(logits).all(dim=-1)  # [N]
     tokens = logits.argmax(dim=-1)  # [N]; the answer for greedy rows, overwritten for the others
     rows = [i for i, s in enumerate(samplers) if not s.params.greedy]
     if rows:
@@ -118,6 +124,9 @@ def sample(logits: torch.Tensor, samplers: Sequence[RowSampler]) -> list[int]:
             top_p = torch.tensor([p.top_p for p in params], device=device, dtype=torch.float32)
             scores = filter_top_k_top_p(scores, top_k, top_p)
         probs = scores.softmax(dim=-1)  # [M, V]
+        ok = torch.isfinite(probs).all(dim=-1, keepdim=True)  # [M, 1]
+        probs = torch.where(ok, probs, 1.0 / probs.shape[-1])  # a bad row draws from a harmless stand-in, discarded
+        valid[row_index] &= ok.squeeze(1)
         draws = [torch.multinomial(probs[j], 1, generator=samplers[i].generator(device)) for j, i in enumerate(rows)]
         tokens[row_index] = torch.cat(draws)
-    return tokens.tolist()
+    return torch.where(valid, tokens, INVALID_TOKEN).tolist()
