@@ -20,6 +20,25 @@ import triton.language as tl
 
 
 @triton.jit
+def _sgmv_block(blocks_ptr, order_ptr, rank_ptr, blk, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                GATHERED: tl.constexpr):  # fmt: skip
+    """Block ``blk`` of the SGMV block table: its slot, the slot's rank, its token indices and row mask, and the
+    rank lanes with their mask (rows of A/B past the rank are never read)."""
+    slot = tl.load(blocks_ptr + 3 * blk).to(tl.int64)
+    start = tl.load(blocks_ptr + 3 * blk + 1)
+    end = tl.load(blocks_ptr + 3 * blk + 2)
+    rank = tl.load(rank_ptr + slot)
+    pos = start + tl.arange(0, BLOCK_M)
+    row_ok = pos < end
+    if GATHERED:
+        tok = tl.load(order_ptr + pos, mask=row_ok, other=0).to(tl.int64)
+    else:
+        tok = pos.to(tl.int64)
+    r = tl.arange(0, BLOCK_R)
+    return slot, rank, tok, row_ok, r, r < rank
+
+
+@triton.jit
 def sgmv_shrink_kernel(
     x_ptr, a_ptr, part_ptr, blocks_ptr, order_ptr, rank_ptr,
     K, SPLIT_K,
@@ -30,20 +49,9 @@ def sgmv_shrink_kernel(
     """part[pid_k, tok(p), :] = x[tok(p), k-chunks of pid_k] @ A[slot, :, same].T for the block's positions p."""
     blk = tl.program_id(0)
     pid_k = tl.program_id(1)
-    slot = tl.load(blocks_ptr + 3 * blk).to(tl.int64)
-    start = tl.load(blocks_ptr + 3 * blk + 1)
-    end = tl.load(blocks_ptr + 3 * blk + 2)
-    rank = tl.load(rank_ptr + slot)
+    slot, rank, tok, row_ok, r, r_ok = _sgmv_block(blocks_ptr, order_ptr, rank_ptr, blk, BLOCK_M, BLOCK_R, GATHERED)
     if rank == 0:
         return
-    pos = start + tl.arange(0, BLOCK_M)
-    row_ok = pos < end
-    if GATHERED:
-        tok = tl.load(order_ptr + pos, mask=row_ok, other=0).to(tl.int64)
-    else:
-        tok = pos.to(tl.int64)
-    r = tl.arange(0, BLOCK_R)
-    r_ok = r < rank
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
@@ -74,20 +82,9 @@ def sgmv_expand_kernel(
     """y[tok(p), n-block] += (scale[slot] * sum_k part[k, tok(p)]) @ B[slot, :, n-block] for the block's positions."""
     blk = tl.program_id(0)
     pid_n = tl.program_id(1)
-    slot = tl.load(blocks_ptr + 3 * blk).to(tl.int64)
-    start = tl.load(blocks_ptr + 3 * blk + 1)
-    end = tl.load(blocks_ptr + 3 * blk + 2)
-    rank = tl.load(rank_ptr + slot)
+    slot, rank, tok, row_ok, r, r_ok = _sgmv_block(blocks_ptr, order_ptr, rank_ptr, blk, BLOCK_M, BLOCK_R, GATHERED)
     if rank == 0:
         return
-    pos = start + tl.arange(0, BLOCK_M)
-    row_ok = pos < end
-    if GATHERED:
-        tok = tl.load(order_ptr + pos, mask=row_ok, other=0).to(tl.int64)
-    else:
-        tok = pos.to(tl.int64)
-    r = tl.arange(0, BLOCK_R)
-    r_ok = r < rank
     xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k in range(SPLIT_K):
         xa += tl.load(
