@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     max_seq_len: int = Field(2048, ge=16, le=1_000_000, description="prompt + generated tokens of one request")
     max_tokens_per_step: int = Field(2048, ge=1, description="token budget of one engine step")
     max_queue: int = Field(256, ge=1, description="waiting requests before new ones get 429")
+    adapter_affinity: bool = Field(
+        True, description="admit waiting requests whose adapter is already running first (bounded by 32 steps)"
+    )
     max_prompt_tokens: int | None = Field(None, ge=1, description="per-request prompt limit; default max_seq_len - 1")
     max_new_tokens: int | None = Field(None, ge=1, description="per-request generation limit; default max_seq_len - 1")
     request_timeout: float | None = Field(

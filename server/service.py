@@ -41,6 +41,7 @@ class Service:
                 max_tokens_per_step=settings.max_tokens_per_step,
                 cpu_slots=settings.cpu_slots,
                 max_queue=settings.max_queue,
+                adapter_affinity=settings.adapter_affinity,
                 max_prompt_tokens=settings.max_prompt_tokens,
                 max_new_tokens=settings.max_new_tokens,
                 request_timeout=settings.request_timeout,

@@ -182,8 +182,10 @@ def test_stream_parsing_usage_flushes_and_broken_streams() -> None:
     done = "data: [DONE]\n\n"
     tok = '{{"id": "r", "token": {{"id": {}, "text": "x"}}}}'.format
     final = '{"id": "r", "finish_reason": "length", "usage": {"prompt_tokens": 4, "completion_tokens": 3}}'
-    flush = ('{"id": "r", "token": {"id": -1, "text": "!"}, "finish_reason": "stop", '
-             '"usage": {"prompt_tokens": 4, "completion_tokens": 2}}')
+    flush = (
+        '{"id": "r", "token": {"id": -1, "text": "!"}, "finish_reason": "stop", '
+        '"usage": {"prompt_tokens": 4, "completion_tokens": 2}}'
+    )
     rec = _replay_canned("generate", ev(tok(5)) + ev(tok(6)) + ev(tok(7)) + ev(final) + done)
     assert (rec.ok, rec.output_tokens, len(rec.token_times), rec.prompt_tokens) == (True, 3, 3, 4)
     rec = _replay_canned("generate", ev(tok(5)) + ev(tok(6)) + ev(flush) + done)  # a text flush is no token

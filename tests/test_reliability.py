@@ -108,8 +108,13 @@ def test_request_timeout_answers_504_or_ends_the_stream(tiny_model_dir, tmp_path
         assert final["finish_reason"] == "timeout" and final["error"] and events[-1] == "[DONE]"
         with c.stream("POST", f"{server.url}/v1/completions", json={"model": "x", "prompt": PROMPT}) as s:
             assert s.status_code == 404  # unknown model: answered before any stream starts
-        body = {"model": server_model_id(c, server.url), "prompt": PROMPT, "max_tokens": 480, "stream": True,
-                "ignore_eos": True}
+        body = {
+            "model": server_model_id(c, server.url),
+            "prompt": PROMPT,
+            "max_tokens": 480,
+            "stream": True,
+            "ignore_eos": True,
+        }
         with c.stream("POST", f"{server.url}/v1/completions", json=body) as s:
             assert s.status_code == 200, s.read()
             events = sse_events(s)

@@ -39,6 +39,7 @@ class EngineConfig:
     max_tokens_per_step: int = 2048  # token budget of one forward pass (prompt chunks + decode tokens)
     cpu_slots: int = 64  # host copies of adapters kept behind the accelerator slots
     starvation_steps: int = 32  # steps the oldest waiting request may be passed over before it gets priority
+    adapter_affinity: bool = True  # admit requests whose adapter is already running first (see Scheduler)
     max_queue: int = 1_000_000  # waiting requests; past it ``submit`` raises QueueFullError
     max_prompt_tokens: int | None = None  # per-request prompt limit (None: only max_seq_len bounds it)
     max_new_tokens: int | None = None  # per-request generation limit (None: only max_seq_len bounds it)
@@ -90,6 +91,7 @@ class Engine:
             self.slot_cache,
             self.prefetcher,
             config.starvation_steps,
+            adapter_affinity=config.adapter_affinity,
         )
         # Observers (the metrics exporter): called on the engine thread, so they must be quick.
         self.on_finish: list[Callable[[FinishedRecord], None]] = []

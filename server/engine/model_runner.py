@@ -68,8 +68,9 @@ class ModelRunner:
     def _run(self, chunks: Sequence[SequenceChunk]) -> torch.Tensor:
         if not chunks:
             raise ValueError("nothing to run")
-        # Lay tokens out grouped by LoRA slot so every adapter's tokens form one run (no gather in the LoRA op).
-        order = sorted(range(len(chunks)), key=lambda i: chunks[i].slot)
+        # Decode tokens first, then prompt chunks, each part sorted by LoRA slot: every prompt chunk's adapter tokens
+        # form one run for dense matmuls, and the decode tokens form one span for the per-token LoRA add.
+        order = sorted(range(len(chunks)), key=lambda i: (len(chunks[i].token_ids) > 1, chunks[i].slot))
         ids: list[int] = []
         positions: list[int] = []
         rows: list[int] = []

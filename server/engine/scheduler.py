@@ -1,10 +1,14 @@
 """Adapter-aware continuous-batching scheduler (torch-free).
 
 Every step: running sequences keep their place (one decode token each, or their next prompt chunk), then waiting
-sequences are admitted in arrival order while a KV row, token budget and an adapter slot are available. A waiting
-sequence whose adapter is still being read from disk is skipped (the read runs on a worker thread) so it never
-blocks others; when the oldest waiting sequence has been passed over for ``starvation_steps`` steps, nothing else
-is admitted until it is, whatever the adapter popularity.
+sequences are admitted while a KV row, token budget and an adapter slot are available. A waiting sequence whose
+adapter is still being read from disk is skipped (the read runs on a worker thread) so it never blocks others.
+
+Admission order: with ``adapter_affinity`` (the default), among the first ``AFFINITY_WINDOW`` waiting sequences the
+oldest one whose adapter is already running (or that needs no adapter) goes first, because it adds no adapter
+weights to a step's reads; otherwise the oldest waiting sequence goes next. Without affinity it is arrival order.
+Either way, when the oldest waiting sequence has been passed over for ``starvation_steps`` steps, nothing else is
+admitted until it is, whatever the adapter popularity.
 """
 
 import time
@@ -17,6 +21,8 @@ from server.lora.errors import NoFreeSlotError
 from server.lora.prefetch import AdapterPrefetcher
 from server.lora.slot_cache import SlotCache
 from server.lora.slots import BASE_SLOT
+
+AFFINITY_WINDOW = 256  # waiting sequences searched for a running adapter: bounds the work of one admission
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,7 @@ class Scheduler:
         prefetcher: AdapterPrefetcher,
         starvation_steps: int = 32,
         clock: Callable[[], float] = time.monotonic,
+        adapter_affinity: bool = True,
     ) -> None:
         if max_tokens_per_step < max_rows:
             raise ValueError("max_tokens_per_step must be at least max_rows so every running row can decode")
@@ -53,6 +60,7 @@ class Scheduler:
         self.prefetcher = prefetcher
         self.starvation_steps = starvation_steps
         self.clock = clock
+        self.adapter_affinity = adapter_affinity
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._free_rows = list(range(max_rows - 1, -1, -1))  # pop() hands out the lowest row first
@@ -122,14 +130,17 @@ class Scheduler:
         if head is not self._head:
             self._head, self._head_passed_over = head, 0
         reserved = self._head_passed_over >= self.starvation_steps
-        for seq in list(self.waiting):
-            if not self._free_rows or budget <= 0:
-                break
+        candidates = [head] if reserved and head is not None else list(self.waiting)
+        affinity = self.adapter_affinity and not reserved
+        window = candidates[:AFFINITY_WINDOW] if affinity else []
+
+        def admit(seq: Sequence) -> bool:
+            nonlocal budget
+            if seq.status is not Status.WAITING or not self._free_rows or budget <= 0:
+                return False
             slot = self._adapter_slot(seq, out)
             if slot is None:
-                if reserved:
-                    break  # the starving head keeps every resource that frees up
-                continue
+                return False
             self.waiting.remove(seq)
             seq.row = self._free_rows.pop()
             seq.slot = slot
@@ -139,8 +150,22 @@ class Scheduler:
             n = min(len(seq.prompt_ids), budget)
             out.scheduled.append(ScheduledSeq(seq, n))
             budget -= n
-            if reserved:
+            return True
+
+        def admit_on(adapters: set[str | None]) -> None:
+            for seq in window:
+                if seq.adapter in adapters:
+                    admit(seq)
+
+        active = {seq.adapter for seq in self.running} | {None}
+        if affinity:
+            admit_on(active)
+        for seq in candidates:
+            if not self._free_rows or budget <= 0:
                 break
+            if admit(seq) and affinity and seq.adapter not in active:
+                active.add(seq.adapter)
+                admit_on({seq.adapter})  # its waiting siblings next, before another new adapter
         if self.waiting and self.waiting[0] is head:
             self._head_passed_over += 1
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from server.lora.mapping import LoraContext
-from server.lora.ops import LoraAddOp
+from server.lora.ops import LoraAddOp, SlotViews
 from server.lora.slots import BASE_SLOT
 
 
@@ -30,6 +30,7 @@ class BatchedLoraLinear(nn.Module):
         self.register_buffer("lora_b", torch.zeros(num_slots + 1, max_rank, base.out_features, **factory))
         self.register_buffer("scales", torch.zeros(num_slots + 1, **factory))
         self.ranks: list[int] = [0] * (num_slots + 1)
+        self.views = SlotViews(num_slots + 1)  # host-side views per slot, for the grouped op
 
     @property
     def in_features(self) -> int:
@@ -49,7 +50,7 @@ class BatchedLoraLinear(nn.Module):
         y2 = y.view(-1, self.base.out_features)
         if x2.shape[0] != mapping.num_tokens:
             raise RuntimeError(f"LoRA mapping covers {mapping.num_tokens} tokens but the layer got {x2.shape[0]}")
-        self.op(y2, x2, self.lora_a, self.lora_b, self.scales, self.ranks, mapping)
+        self.op(y2, x2, self.lora_a, self.lora_b, self.scales, self.ranks, mapping, self.views)
         return y
 
     @torch.no_grad()
@@ -69,6 +70,7 @@ class BatchedLoraLinear(nn.Module):
         self.lora_b[slot, :r].copy_(b.T, non_blocking=True)
         self.scales[slot] = scale
         self.ranks[slot] = r
+        self.views.set(slot, self.lora_a, self.lora_b, r, scale)
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
@@ -80,6 +82,7 @@ class BatchedLoraLinear(nn.Module):
         self.lora_b[slot, :previous].zero_()
         self.scales[slot] = 0.0
         self.ranks[slot] = 0
+        self.views.set(slot, self.lora_a, self.lora_b, 0, 0.0)
 
     def _check_slot(self, slot: int) -> None:
         if not BASE_SLOT < slot < self.scales.shape[0]:

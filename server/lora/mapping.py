@@ -11,37 +11,34 @@ import torch
 
 from server.lora.slots import BASE_SLOT
 
-# The padded layout pays for (slots in window) x (largest group) rows; use it while that is at most this many times
-# the adapter tokens, and only when there are enough groups for per-group calls to cost more than the padding.
-# Large groups (prompt chunks) run best as plain per-slot matmuls, so groups of more than MAX_PADDED_ROWS tokens
-# never take the padded layout.
-PADDING_BUDGET = 2
-MIN_GROUPS_FOR_PADDING = 4
-MAX_PADDED_ROWS = 8
+# Runs of consecutive tokens on one adapter (a prompt chunk, or the decode tokens of one adapter) are added with
+# two dense matmuls each. Once a step has at least MIN_SHORT_RUNS short runs (decode with many adapters), those are
+# instead laid out as a [slots, rows] grid and added with two ``bmm`` calls, a fixed number of calls however many
+# adapters the step mixes, for a copy of their weights. Measured on a 2-core CPU with SmolLM2-135M (32 decode rows):
+# the grid costs about what the per-run matmuls cost at 12 adapters and less past that (docs/benchmarks.md).
+SHORT_RUN_TOKENS = 8
+MIN_SHORT_RUNS = 12
 
 
 @dataclass(frozen=True)
-class PaddedSlots:
-    """Adapter tokens laid out as a [W, M] grid: slot window ``lo..hi`` (W = hi - lo) by ``rows`` (M) per slot.
+class ShortRuns:
+    """Adapter tokens in short runs, laid out as a [D slots, M rows] grid and added with two ``bmm`` calls.
 
-    Made for decode steps, where many slots have one or two tokens each: the LoRA add then takes two ``bmm`` calls
-    over the window instead of two matmuls per slot.
-    run:       (start, end) when the adapter tokens are exactly ``x[start:end]`` in grid order (one token per slot
-               of the window, in slot order: the usual decode step, since the runner sorts tokens by slot); the
-               grid is then a view of ``x`` and nothing is gathered or scattered. None otherwise.
-    gather:    [W*M] int64  token read into each grid cell; padding cells read some adapter token (their products
-               are never added back). Empty when ``run`` is set.
-    tokens:    [N] int64  flattened-token index of each adapter token
-    cells:     [N] int64  its grid cell, ``(slot - lo) * M + rank among its slot's tokens``
+    slots:  [D] int64   the distinct slots of these tokens (ascending); ``distinct`` is the same on the host
+    rows:   M, the most tokens any of these slots has (padding rows repeat one of the slot's tokens)
+    gather: [D*M] int64 token read into each grid cell; empty when ``span`` is set
+    tokens: [n] int64   flattened-token index of each real token; cells: [n] int64 its grid cell
+    span:   (start, end) when the tokens are exactly ``x[start:end]`` in grid order (one token per slot, in slot
+            order: the usual decode step), so the grid is a view of ``x`` and the result a slice of ``y``
     """
 
-    lo: int
-    hi: int
+    slots: torch.Tensor
+    distinct: tuple[int, ...]
     rows: int
-    run: tuple[int, int] | None
     gather: torch.Tensor
     tokens: torch.Tensor
     cells: torch.Tensor
+    span: tuple[int, int] | None
 
 
 @dataclass(frozen=True)
@@ -53,14 +50,18 @@ class TokenSlotMapping:
     gathered:    False when every adapter slot's tokens already form one run of consecutive tokens; segments then
                  index the tokens directly. True otherwise; segments then index ``x[order]``.
     order:       [N] int64 on the device, adapter-token positions sorted by slot (stable); empty unless gathered.
-    padded:      the [slots, rows] layout when it is cheaper than per-slot calls (many small groups), else None.
+    runs:        host-side (slot, start, end) runs of consecutive tokens on one adapter, added by dense matmuls
+                 (every run when ``short`` is None, else the long ones).
+    short:       the tokens of the short runs, added per token; None when there are too few short runs to pay.
+    ``segments``/``gathered``/``order`` serve the Triton kernels; ``runs``/``short`` the torch op.
     """
 
     token_slots: torch.Tensor
     segments: tuple[tuple[int, int, int], ...]
     gathered: bool
     order: torch.Tensor
-    padded: PaddedSlots | None = None
+    runs: tuple[tuple[int, int, int], ...] = ()
+    short: ShortRuns | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -72,10 +73,9 @@ class TokenSlotMapping:
 
     @classmethod
     def build(
-        cls, slots: Sequence[int], device: torch.device | str = "cpu", allow_padded: bool = True
+        cls, slots: Sequence[int], device: torch.device | str = "cpu", allow_short: bool = True
     ) -> "TokenSlotMapping":
         """Mapping for tokens whose slots are ``slots`` (host ints, one per flattened token)."""
-        padded = _padded(slots, device) if allow_padded else None
         runs: list[tuple[int, int, int]] = []
         for t, slot in enumerate(slots):
             if runs and runs[-1][0] == slot and runs[-1][2] == t:
@@ -83,12 +83,12 @@ class TokenSlotMapping:
             else:
                 runs.append((slot, t, t + 1))
         adapter_runs = [run for run in runs if run[0] != BASE_SLOT]
+        long_runs, short = _split_runs(adapter_runs, device) if allow_short else (adapter_runs, None)
         distinct = {slot for slot, _, _ in adapter_runs}
         token_slots = torch.tensor(list(slots), dtype=torch.int64, device=device)
         if len(adapter_runs) == len(distinct):
-            return cls(
-                token_slots, tuple(adapter_runs), False, torch.empty(0, dtype=torch.int64, device=device), padded
-            )
+            empty = torch.empty(0, dtype=torch.int64, device=device)
+            return cls(token_slots, tuple(adapter_runs), False, empty, tuple(long_runs), short)
         by_slot: dict[int, list[int]] = {}
         for t, slot in enumerate(slots):
             if slot != BASE_SLOT:
@@ -100,7 +100,7 @@ class TokenSlotMapping:
             segments.append((slot, len(order), len(order) + len(positions)))
             order.extend(positions)
         order_t = torch.tensor(order, dtype=torch.int64, device=device)
-        return cls(token_slots, tuple(segments), True, order_t, padded)
+        return cls(token_slots, tuple(segments), True, order_t, tuple(long_runs), short)
 
     @classmethod
     def for_rows(cls, row_slots: Sequence[int], row_lengths: Sequence[int], device: torch.device | str = "cpu"):
@@ -111,35 +111,44 @@ class TokenSlotMapping:
         return cls.build(flat, device)
 
 
-def _padded(slots: Sequence[int], device: torch.device | str) -> PaddedSlots | None:
-    counts: dict[int, int] = {}
-    tokens: list[int] = []
-    slot_of: list[int] = []
-    row_of: list[int] = []
-    for t, slot in enumerate(slots):
-        if slot != BASE_SLOT:
-            row_of.append(counts.get(slot, 0))
-            counts[slot] = row_of[-1] + 1
-            tokens.append(t)
-            slot_of.append(slot)
-    if len(counts) < MIN_GROUPS_FOR_PADDING:
-        return None
-    lo, hi, rows = min(counts), max(counts) + 1, max(counts.values())
-    if rows > MAX_PADDED_ROWS or (hi - lo) * rows > PADDING_BUDGET * len(tokens):
-        return None
+def _split_runs(
+    runs: list[tuple[int, int, int]], device: torch.device | str
+) -> tuple[list[tuple[int, int, int]], ShortRuns | None]:
+    """Long runs for dense matmuls, and the tokens of the short runs when there are enough of them to batch."""
+    short = [run for run in runs if run[2] - run[1] <= SHORT_RUN_TOKENS]
+    if len(short) < MIN_SHORT_RUNS:
+        return runs, None
+    by_slot: dict[int, list[int]] = {}
+    for slot, start, end in short:
+        by_slot.setdefault(slot, []).extend(range(start, end))
+    if max(len(tokens) for tokens in by_slot.values()) > SHORT_RUN_TOKENS:
+        # A slot whose short runs add up to many tokens would pad every other slot's rows: keep its runs dense.
+        crowded = {slot for slot, tokens in by_slot.items() if len(tokens) > SHORT_RUN_TOKENS}
+        short = [run for run in short if run[0] not in crowded]
+        for slot in crowded:
+            del by_slot[slot]
+        if len(short) < MIN_SHORT_RUNS:
+            return runs, None
+    batched = set(short)
+    long_runs = [run for run in runs if run not in batched]
+    distinct = tuple(sorted(by_slot))
+    rows = max(len(tokens) for tokens in by_slot.values())
+    tokens, cells, gather = [], [], []
+    for d, slot in enumerate(distinct):
+        mine = by_slot[slot]
+        tokens.extend(mine)
+        cells.extend(range(d * rows, d * rows + len(mine)))
+        gather.extend(mine + [mine[0]] * (rows - len(mine)))
 
     def tensor(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=device)
 
-    cells = [(s - lo) * rows + r for s, r in zip(slot_of, row_of, strict=True)]
-    n = len(tokens)
-    if rows == 1 and n == hi - lo and cells == list(range(n)) and tokens == list(range(tokens[0], tokens[0] + n)):
-        empty = tensor([])
-        return PaddedSlots(lo, hi, rows, (tokens[0], tokens[0] + n), empty, tensor(tokens), tensor(cells))
-    gather = [tokens[0]] * ((hi - lo) * rows)
-    for t, cell in zip(tokens, cells, strict=True):
-        gather[cell] = t
-    return PaddedSlots(lo, hi, rows, None, tensor(gather), tensor(tokens), tensor(cells))
+    span = None
+    if rows == 1 and tokens == list(range(tokens[0], tokens[0] + len(tokens))):
+        span, gather = (tokens[0], tokens[0] + len(tokens)), []
+    return long_runs, ShortRuns(
+        tensor(list(distinct)), distinct, rows, tensor(gather), tensor(tokens), tensor(cells), span
+    )
 
 
 class LoraContext:

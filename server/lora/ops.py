@@ -4,11 +4,11 @@ Implementations with identical semantics; one is chosen once at startup (``selec
 
 - ``lora_add_reference``: gathers every token's weights and multiplies them. Obviously right, slow and memory-hungry
   (``T x R x in`` floats); it is the yardstick every fast op is tested against.
-- ``lora_add_grouped``: tokens are grouped by slot once per step (``TokenSlotMapping``), gathered into slot order,
-  and each slot's segment gets two small dense matmuls sliced to that slot's true rank. This is the SGMV layout of
-  Punica/LoRAX written with torch matmuls, which is what wins on CPU. When a step has many small groups (decode
-  with many adapters) the mapping instead lays tokens out as a [slots, rows] grid and the add is two ``bmm`` calls
-  over the window of slots in use, so the cost no longer grows with one dispatch per adapter.
+- ``lora_add_grouped``: the tokens of one adapter that sit next to each other (a prompt chunk; the runner sorts
+  tokens by slot) form a run, and each run gets two small dense matmuls sliced to its slot's true rank: the SGMV
+  layout of Punica/LoRAX written with torch matmuls. Short runs (decode tokens, a few per adapter) would cost one
+  dispatch pair per adapter that way, so when a step has several of them they are added per token with gathered
+  weights and two ``bmm`` calls (the BGMV layout), a fixed number of calls however many adapters the step mixes.
 - ``triton`` (``server.lora.triton_ops``, registered when triton is installed): Triton kernels, a segmented SGMV
   pair for prefill and a gathered per-token BGMV pair for decode, picked per step; ``triton_sgmv`` and
   ``triton_bgmv`` force one pair. ``auto`` takes it on CUDA when triton imports, else ``grouped``.
@@ -26,7 +26,30 @@ from typing import Protocol
 import torch
 
 from server.lora import triton_ops
-from server.lora.mapping import PaddedSlots, TokenSlotMapping
+from server.lora.mapping import ShortRuns, TokenSlotMapping
+
+
+class SlotViews:
+    """Host-side per-slot views of one layer's stacked weights, kept by the layer as adapters come and go.
+
+    ``of[slot]`` is ``(a[slot, :r].T, b[slot, :r], scale)`` with ``scale`` a float, or None for an empty slot.
+    Taking the views once per slot load instead of once per run and step saves five view dispatches and a
+    scale multiply per run (the scale rides on ``addmm``'s ``alpha``).
+    """
+
+    def __init__(self, num_entries: int) -> None:
+        self.of: list[tuple[torch.Tensor, torch.Tensor, float] | None] = [None] * num_entries
+
+    def set(self, slot: int, a: torch.Tensor, b: torch.Tensor, rank: int, scale: float) -> None:
+        """a: [S+1, R, in]  b: [S+1, R, out], already holding the slot's weights in rows ``:rank``."""
+        self.of[slot] = (a[slot, :rank].T, b[slot, :rank], float(scale)) if rank else None
+
+    @classmethod
+    def build(cls, a: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, ranks: Sequence[int]) -> "SlotViews":
+        views = cls(len(ranks))
+        for slot, rank in enumerate(ranks):
+            views.set(slot, a, b, rank, float(scales[slot]))
+        return views
 
 
 class LoraAddOp(Protocol):
@@ -39,6 +62,7 @@ class LoraAddOp(Protocol):
         scales: torch.Tensor,
         ranks: Sequence[int],
         mapping: TokenSlotMapping,
+        views: SlotViews | None = None,
     ) -> None: ...
 
 
@@ -50,8 +74,9 @@ def lora_add_reference(
     scales: torch.Tensor,
     ranks: Sequence[int],
     mapping: TokenSlotMapping,
+    views: SlotViews | None = None,
 ) -> None:
-    """y[t] += scales[s_t] * (x[t] @ a[s_t].T) @ b[s_t] for every token t, in place.
+    """y[t] += scales[s_t] * (x[t] @ a[s_t].T) @ b[s_t] for every token t, in place (``views`` unused).
 
     y: [T, out]  x: [T, in]  a: [S+1, R, in]  b: [S+1, R, out]  scales: [S+1]  mapping.token_slots: [T] int64.
     Uses the full padded rank R (zero rows contribute nothing), so stale data past a rank would show up here.
@@ -70,66 +95,56 @@ def lora_add_grouped(
     scales: torch.Tensor,
     ranks: Sequence[int],
     mapping: TokenSlotMapping,
+    views: SlotViews | None = None,
 ) -> None:
-    """Same semantics as ``lora_add_reference``, computed per slot segment at each slot's true rank.
+    """Same semantics as ``lora_add_reference``: long runs by two dense matmuls each, short runs on a slot grid.
 
-    Tokens of BASE_SLOT are skipped. ``mapping.segments`` lists (slot, start, end) host-side ints, so no device
-    sync happens here: ranges of ``x`` itself when every slot's tokens form one run, else ranges of
-    ``x[mapping.order]`` (adapter tokens sorted by slot), gathered once and scattered back once.
+    Tokens of BASE_SLOT are skipped. ``mapping.runs`` lists (slot, start, end) host-side ints, so no device sync
+    happens here; each run is computed at its slot's true rank, in place on slices of ``x`` and ``y``, through
+    the layer's ``views`` when given (else views are taken here).
     """
-    if not mapping.segments:
-        return
-    if mapping.padded is not None:
-        _lora_add_padded(y, x, a, b, scales, ranks, mapping.padded)
-        return
-    if not mapping.gathered:  # each slot's tokens are already one run of x: add in place, no gather or scatter
-        for slot, start, end in mapping.segments:
-            if r := ranks[slot]:
-                xa = (x[start:end] @ a[slot, :r].T).mul_(scales[slot])  # [n, r]
-                y[start:end].addmm_(xa, b[slot, :r])  # [n, out]
-        return
-    xs = x.index_select(0, mapping.order)  # [N, in] adapter tokens in slot order
-    out = torch.empty((xs.shape[0], y.shape[1]), dtype=y.dtype, device=y.device)  # [N, out]; segments cover it
-    for slot, start, end in mapping.segments:
-        if r := ranks[slot]:
-            xa = (xs[start:end] @ a[slot, :r].T).mul_(scales[slot])
-            torch.mm(xa, b[slot, :r], out=out[start:end])
-        else:
-            out[start:end].zero_()
-    y.index_add_(0, mapping.order, out)
+    if mapping.runs:
+        of = (views if views is not None else SlotViews.build(a, b, scales, ranks)).of
+        for slot, start, end in mapping.runs:
+            if (view := of[slot]) is not None:
+                a_t, b_r, scale = view  # [in, r], [r, out]
+                y[start:end].addmm_(x[start:end] @ a_t, b_r, alpha=scale)  # [n, out]
+    if mapping.short is not None:
+        _lora_add_short(y, x, a, b, scales, ranks, mapping.short)
 
 
-def _lora_add_padded(
+def _lora_add_short(
     y: torch.Tensor,
     x: torch.Tensor,
     a: torch.Tensor,
     b: torch.Tensor,
     scales: torch.Tensor,
     ranks: Sequence[int],
-    padded: PaddedSlots,
+    short: ShortRuns,
 ) -> None:
-    """The same add over a [W slots, M rows] grid of adapter tokens: two bmm calls for the whole window.
+    """The same add for the short-run tokens, over a [D slots, M rows] grid with two ``bmm`` calls.
 
-    When the adapter tokens already are the grid (``padded.run``: one token per slot, in slot order) the grid is a
-    view of ``x`` and the result is added to a slice of ``y``; otherwise one gather builds it and one scatter-add
-    puts the real cells back.
+    Copies the D slots' A and B (``[D, r, in]``, ``[D, r, out]``, r = the largest rank present: the bytes the
+    per-slot matmuls would read anyway) so the call count does not grow with the number of adapters.
     """
-    lo, hi = padded.lo, padded.hi
-    r = max(ranks[lo:hi])
+    r = max(ranks[slot] for slot in short.distinct)
     if r == 0:
         return
-    if padded.run is not None:
-        start, end = padded.run
-        grid = x[start:end].unsqueeze(1)  # [W, 1, in]
+    d, m = len(short.distinct), short.rows
+    if short.span is not None:
+        start, end = short.span
+        grid = x[start:end].view(d, 1, -1)  # [D, 1, in]
     else:
-        grid = x.index_select(0, padded.gather).view(hi - lo, padded.rows, x.shape[1])  # [W, M, in]
-    xa = torch.bmm(grid, a[lo:hi, :r].transpose(1, 2))  # [W, M, r]; rows past a slot's rank are zero
-    xa.mul_(scales[lo:hi].view(-1, 1, 1))
-    out = torch.bmm(xa, b[lo:hi, :r]).view(-1, y.shape[1])  # [W*M, out]
-    if padded.run is not None:
+        grid = x.index_select(0, short.gather).view(d, m, -1)  # [D, M, in]
+    a_used = a[:, :r].index_select(0, short.slots)  # [D, r, in]
+    b_used = b[:, :r].index_select(0, short.slots)  # [D, r, out]
+    xa = torch.bmm(grid, a_used.transpose(1, 2))  # [D, M, r]
+    xa.mul_(scales.index_select(0, short.slots).view(d, 1, 1))
+    out = torch.bmm(xa, b_used).view(d * m, -1)  # [D*M, out]
+    if short.span is not None:
         y[start:end] += out.to(y.dtype)
     else:
-        y.index_add_(0, padded.tokens, out.index_select(0, padded.cells))
+        y.index_add_(0, short.tokens, out.index_select(0, short.cells).to(y.dtype))
 
 
 LORA_OPS: dict[str, LoraAddOp] = {

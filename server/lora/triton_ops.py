@@ -130,6 +130,7 @@ class TritonLoraAdd:
         scales: torch.Tensor,
         ranks: Sequence[int],
         mapping: TokenSlotMapping,
+        views: object = None,
     ) -> None:
         """y[t] += scales[s_t] * (x[t] @ a[s_t, :r].T) @ b[s_t, :r] for every token t not on BASE_SLOT, in place.
 
