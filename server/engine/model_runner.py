@@ -68,8 +68,8 @@ class ModelRunner:
     def _run(self, chunks: Sequence[SequenceChunk]) -> torch.Tensor:
         if not chunks:
             raise ValueError("nothing to run")
-        # Decode tokens first, then prompt chunks, each part sorted by LoRA slot: every prompt chunk's adapter tokens
-        # form one run for dense matmuls, and the decode tokens form one span for the per-token LoRA add.
+        # Decode tokens first, then prompt chunks, each part sorted by LoRA slot: every adapter's decode tokens form
+        # one run, every prompt chunk another, and the decode tokens of a step one span (the LoRA grid's usual case).
         order = sorted(range(len(chunks)), key=lambda i: (len(chunks[i].token_ids) > 1, chunks[i].slot))
         ids: list[int] = []
         positions: list[int] = []

@@ -52,7 +52,7 @@ class TokenSlotMapping:
     order:       [N] int64 on the device, adapter-token positions sorted by slot (stable); empty unless gathered.
     runs:        host-side (slot, start, end) runs of consecutive tokens on one adapter, added by dense matmuls
                  (every run when ``short`` is None, else the long ones).
-    short:       the tokens of the short runs, added per token; None when there are too few short runs to pay.
+    short:       the tokens of the short runs, on a slot grid; None when there are too few short runs to pay.
     ``segments``/``gathered``/``order`` serve the Triton kernels; ``runs``/``short`` the torch op.
     """
 

@@ -4,11 +4,12 @@ Implementations with identical semantics; one is chosen once at startup (``selec
 
 - ``lora_add_reference``: gathers every token's weights and multiplies them. Obviously right, slow and memory-hungry
   (``T x R x in`` floats); it is the yardstick every fast op is tested against.
-- ``lora_add_grouped``: the tokens of one adapter that sit next to each other (a prompt chunk; the runner sorts
-  tokens by slot) form a run, and each run gets two small dense matmuls sliced to its slot's true rank: the SGMV
-  layout of Punica/LoRAX written with torch matmuls. Short runs (decode tokens, a few per adapter) would cost one
-  dispatch pair per adapter that way, so when a step has several of them they are added per token with gathered
-  weights and two ``bmm`` calls (the BGMV layout), a fixed number of calls however many adapters the step mixes.
+- ``lora_add_grouped``: the tokens of one adapter that sit next to each other (a prompt chunk, or one adapter's
+  decode tokens; the runner sorts tokens by slot) form a run, and each run gets two small dense matmuls at its
+  slot's true rank through the layer's per-slot views: the SGMV layout of Punica/LoRAX written with torch matmuls.
+  Short runs cost one dispatch pair per adapter that way, so when a step has many of them (``MIN_SHORT_RUNS``) they
+  go on a [slots, rows] grid, the used slots' weights are copied once and two ``bmm`` calls do the add: a fixed
+  number of calls however many adapters the step mixes.
 - ``triton`` (``server.lora.triton_ops``, registered when triton is installed): Triton kernels, a segmented SGMV
   pair for prefill and a gathered per-token BGMV pair for decode, picked per step; ``triton_sgmv`` and
   ``triton_bgmv`` force one pair. ``auto`` takes it on CUDA when triton imports, else ``grouped``.
