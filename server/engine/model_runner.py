@@ -9,6 +9,7 @@ from server.engine.attention import AttentionContext, AttentionMetadata, Prefill
 from server.engine.kv_cache import KVCache
 from server.lora.mapping import TokenSlotMapping
 from server.model.lora_model import LoraModel
+from server.model.output_head import use_chunked_head
 
 
 class AcceleratorOutOfMemory(RuntimeError):
@@ -46,6 +47,7 @@ class ModelRunner:
         self.cache = KVCache.for_model(self.model.config, max_rows, max_len, lora_model.dtype, self.device)
         self.attention = AttentionContext(self.cache)
         install(self.model, self.attention)
+        use_chunked_head(self.model)  # CPU only: the decode step's LM head in L2-sized vocabulary chunks
         # A prepared 4D mask makes transformers skip building its own; our attention ignores it.
         self._skip_mask = torch.zeros((1, 1, 1, 1), dtype=torch.bool, device=self.device)
 
