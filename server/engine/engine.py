@@ -82,12 +82,13 @@ class Engine:
         self.tokenizer = tokenizer
         self.config = config = config if config is not None else EngineConfig()
         self.adapter_path = adapter_path
-        self.runner = ModelRunner(model, config.max_batch_size, config.max_seq_len)
+        max_tokens = max(config.max_tokens_per_step, config.max_batch_size)
+        self.runner = ModelRunner(model, config.max_batch_size, config.max_seq_len, max_tokens)
         self.prefetcher: AdapterPrefetcher = AdapterPrefetcher(lambda name: model.read_adapter(adapter_path(name)))
         self.slot_cache: SlotCache = SlotCache(model.num_slots, config.cpu_slots, self.prefetcher, model)
         self.scheduler = Scheduler(
             config.max_batch_size,
-            max(config.max_tokens_per_step, config.max_batch_size),
+            max_tokens,
             self.slot_cache,
             self.prefetcher,
             config.starvation_steps,

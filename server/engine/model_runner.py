@@ -9,7 +9,7 @@ from server.engine.attention import AttentionContext, AttentionMetadata, Prefill
 from server.engine.kv_cache import KVCache
 from server.lora.mapping import TokenSlotMapping
 from server.model.lora_model import LoraModel
-from server.model.output_head import use_chunked_head
+from server.model.packed_linear import warm_up
 
 
 class AcceleratorOutOfMemory(RuntimeError):
@@ -34,7 +34,9 @@ class SequenceChunk:
 class ModelRunner:
     """Owns the KV cache and runs one flattened forward pass per step over many sequences and adapters."""
 
-    def __init__(self, lora_model: LoraModel, max_rows: int, max_len: int) -> None:
+    def __init__(self, lora_model: LoraModel, max_rows: int, max_len: int, max_tokens: int | None = None) -> None:
+        """``max_rows`` sequences of up to ``max_len`` positions; a step runs at most ``max_tokens`` (default
+        ``max_rows``) tokens, which only sizes the start-up warm-up of the CPU's packed-weight kernels."""
         self.lora_model = lora_model
         self.model = lora_model.model
         self.device = lora_model.device
@@ -47,7 +49,7 @@ class ModelRunner:
         self.cache = KVCache.for_model(self.model.config, max_rows, max_len, lora_model.dtype, self.device)
         self.attention = AttentionContext(self.cache)
         install(self.model, self.attention)
-        use_chunked_head(self.model)  # CPU only: the decode step's LM head in L2-sized vocabulary chunks
+        warm_up(self.model, max(max_tokens or max_rows, max_rows), max_rows)  # CPU packed weights: no-op elsewhere
         # A prepared 4D mask makes transformers skip building its own; our attention ignores it.
         self._skip_mask = torch.zeros((1, 1, 1, 1), dtype=torch.bool, device=self.device)
 

@@ -18,6 +18,7 @@ from server.lora.layers import BatchedLoraLinear
 from server.lora.mapping import LoraContext, TokenSlotMapping
 from server.lora.ops import select_op
 from server.lora.slots import adapter_slots
+from server.model.packed_linear import pack_linears
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -32,6 +33,7 @@ class LoraModel:
         max_rank: int,
         op: str = "auto",
         targets: Sequence[str] = DEFAULT_TARGETS,
+        pack_weights: bool = True,
     ) -> None:
         if num_slots < 1 or max_rank < 1:
             raise ValueError("num_slots and max_rank must be at least 1")
@@ -65,6 +67,8 @@ class LoraModel:
             module_names=module_names,
             linear_names=linear_names,
         )
+        # CPU only: the frozen weights in oneDNN's packed layout (names and shapes above are read before this).
+        self.packed_linears = pack_linears(model) if pack_weights else 0
 
     def read_adapter(self, folder: str | os.PathLike[str]) -> AdapterWeights:
         """Read and validate an adapter for this model; pinned host memory when the model is on CUDA."""

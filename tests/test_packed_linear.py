@@ -1,0 +1,53 @@
+"""oneDNN-packed frozen linears give ``nn.Linear``'s results, and packing a model swaps every linear exactly once."""
+
+import pytest
+import torch
+from torch import nn
+
+from server.lora.layers import BatchedLoraLinear
+from server.model.loader import load_base_model
+from server.model.lora_model import LoraModel
+from server.model.packed_linear import PackedLinear, pack_linears, packing_works
+
+pytestmark = pytest.mark.skipif(not packing_works(torch.float32), reason="this torch build cannot pack CPU weights")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(7,), (1, 5), (2, 3)])  # leading dims of x
+def test_packed_linear_equals_linear(bias: bool, shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(48, 80, bias=bias)
+    x = torch.randn(*shape, 48)
+    with torch.inference_mode():
+        torch.testing.assert_close(PackedLinear(linear)(x), linear(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(PackedLinear(linear)(x.mT.contiguous().mT), linear(x), atol=1e-5, rtol=1e-5)
+
+
+def test_pack_linears_swaps_every_linear_once_and_keeps_the_logits(tiny_model_dir) -> None:
+    plain = load_base_model(tiny_model_dir("llama"))
+    model = load_base_model(tiny_model_dir("llama"))
+    linears = sum(type(m) is nn.Linear for m in model.modules())
+    input_ids = torch.randint(5, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = plain(input_ids=input_ids).logits
+        assert pack_linears(model) == linears > 0
+        got = model(input_ids=input_ids).logits
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    assert isinstance(model.get_output_embeddings(), PackedLinear)  # the (tied) output head too
+    assert model.dtype == torch.float32 and model.device.type == "cpu"
+    assert pack_linears(model) == 0  # nothing left to pack
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_lora_model_packs_its_base_linears_unless_told_not_to(pack: bool, tiny_model_dir) -> None:
+    model = LoraModel(load_base_model(tiny_model_dir("llama")), num_slots=1, max_rank=8, pack_weights=pack)
+    layer = next(iter(model.layers.values()))
+    assert isinstance(layer, BatchedLoraLinear)
+    assert isinstance(layer.base, PackedLinear) is pack
+    assert (model.packed_linears > 0) is pack
+
+
+def test_packing_is_refused_for_dtypes_onednn_does_not_pack() -> None:
+    assert not packing_works(torch.float16)
