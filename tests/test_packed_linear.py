@@ -51,3 +51,24 @@ def test_lora_model_packs_its_base_linears_unless_told_not_to(pack: bool, tiny_m
 
 def test_packing_is_refused_for_dtypes_onednn_does_not_pack() -> None:
     assert not packing_works(torch.float16)
+
+
+def test_padded_rows_buckets_are_few_and_pad_at_most_a_quarter() -> None:
+    from server.model.packed_linear import padded_rows, row_buckets
+
+    rows = (1, 4, 5, 8, 9, 16, 17, 32, 33, 218, 2048)
+    assert [padded_rows(m) for m in rows] == [1, 4, 5, 8, 10, 16, 20, 32, 40, 224, 2048]
+    assert all(m <= padded_rows(m) <= 1.25 * m for m in range(1, 5000))
+    assert len(row_buckets(2048)) == 40
+
+
+def test_padded_calls_ignore_the_stale_rows_of_the_shared_buffer() -> None:
+    torch.manual_seed(2)
+    linear = nn.Linear(16, 8)
+    packed = PackedLinear(linear)
+    with torch.inference_mode():
+        big = torch.randn(40, 16)
+        packed(big)  # leaves 40 rows of data in the shared buffer
+        for rows in (33, 17, 5):  # padded to 40, 20, 5 rows
+            x = torch.randn(rows, 16)
+            torch.testing.assert_close(packed(x), linear(x), atol=1e-5, rtol=1e-5)

@@ -26,14 +26,37 @@ log = logging.getLogger(__name__)
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
 
+class RowPadding:
+    """Input buffers, one per input width, reused to pad a linear's rows up to their bucket without allocating.
+
+    Shared by the packed linears of one model, which runs on one thread at a time. Rows past the real ones keep
+    whatever an earlier call left there: each output row of a linear depends on its own input row only, and the
+    padded output rows are dropped.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+    def pad(self, flat: torch.Tensor, padded: int) -> torch.Tensor:
+        """flat [M, in] -> [padded, in] (padded >= M), a view of the buffer holding ``flat`` in its first M rows."""
+        key = (flat.shape[1], flat.dtype)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.shape[0] < padded:
+            buffer = self._buffers[key] = flat.new_zeros(padded, flat.shape[1])
+        out = buffer[:padded]
+        out[: flat.shape[0]].copy_(flat)
+        return out
+
+
 class PackedLinear(nn.Module):
     """``y = x @ W.T + b`` with ``W`` [out, in] held in oneDNN's packed layout (inference only, no autograd).
 
     x: [..., in] (same dtype as W) -> y: [..., out]
     """
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, padding: RowPadding | None = None) -> None:
         super().__init__()
+        self.padding = padding if padding is not None else RowPadding()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         weight = linear.weight.detach()
@@ -47,7 +70,7 @@ class PackedLinear(nn.Module):
         rows = flat.shape[0]
         padded = padded_rows(rows)
         if padded != rows:
-            flat = torch.cat((flat, flat.new_zeros(padded - rows, self.in_features)))
+            flat = self.padding.pad(flat, padded)
         y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")  # [padded, out]
         return y[:rows].view(*x.shape[:-1], self.out_features)
 
@@ -97,9 +120,10 @@ def pack_linears(model: PreTrainedModel) -> int:
     if model.device.type != "cpu" or not packing_works(model.dtype):
         return 0
     targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and m.weight.dtype == model.dtype]
+    padding = RowPadding()
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, PackedLinear(linear))
+        setattr(model.get_submodule(parent_name), child, PackedLinear(linear, padding))
     return len(targets)
 
 
