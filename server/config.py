@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     adapter_affinity: bool = Field(
         True, description="admit waiting requests whose adapter is already running first (bounded by 32 steps)"
     )
+    packed_weights: bool = Field(
+        True, description="CPU: pack the frozen base weights into oneDNN's layout at startup (faster GEMMs)"
+    )
     max_prompt_tokens: int | None = Field(None, ge=1, description="per-request prompt limit; default max_seq_len - 1")
     max_new_tokens: int | None = Field(None, ge=1, description="per-request generation limit; default max_seq_len - 1")
     request_timeout: float | None = Field(

@@ -2,19 +2,20 @@
 
 Stock PyTorch runs a CPU ``nn.Linear`` in float32 through MKL's sgemm. On this project's reference machine (a
 2-core AMD EPYC with AVX-512) the same products through oneDNN, with the weight reordered once at startup, measured
-1.2x to 3x faster for every SmolLM2 shape: about 2.3x for decode-sized inputs (32 rows), 1.7x at 200 rows, 1.2x at
-1,000 rows (docs/benchmarks.md). The base model is frozen, so the reorder is paid once and the original weight is
-dropped (a tied output head keeps the embedding's copy, so it costs one extra copy of that matrix).
+1.0x to 3.5x faster depending on the shape and the rows (1.0x to 2.8x for a 32-row decode step's projections and LM
+head, 1.15x to 1.4x at 1,000 rows; docs/benchmarks.md). The base model is frozen, so the reorder is paid once and
+the original weight is dropped (a tied output head keeps the embedding's copy: one extra copy of that matrix).
 
 Results equal ``nn.Linear``'s up to float rounding (a different summation order): about 1e-6 relative.
 
-oneDNN builds (JIT-compiles) and caches one kernel per input shape, about 0.6 MB of memory each, never freed. A
+oneDNN builds (JIT-compiles) and caches one kernel per input shape, 0.6-0.8 MB of memory each, never freed. A
 step's token count takes any value up to the step budget, so the row count is padded up to a bucket (exact up to
 4 rows, then 4 buckets per doubling: 5, 6, 7, 8, 10, 12, 14, 16, 20, ...; at most 25% padding, 10% on average),
 which bounds the kernels to about 40 per weight shape. ``warm_up`` builds them all at startup, so serving never
 pays a compile and memory does not grow after it.
 """
 
+import functools
 import logging
 
 import torch
@@ -92,6 +93,7 @@ def row_buckets(max_rows: int) -> list[int]:
     return sorted({padded_rows(m) for m in range(1, max_rows + 1)})
 
 
+@functools.cache
 def packing_works(dtype: torch.dtype) -> bool:
     """Whether this torch build and CPU can pack ``dtype`` weights and get ``nn.Linear``'s answer (checked once)."""
     if dtype not in PACKABLE_DTYPES or not torch.backends.mkldnn.is_available():
