@@ -17,6 +17,7 @@ pays a compile and memory does not grow after it.
 
 import functools
 import logging
+import platform
 
 import torch
 from torch import nn
@@ -95,7 +96,12 @@ def row_buckets(max_rows: int) -> list[int]:
 
 @functools.cache
 def packing_works(dtype: torch.dtype) -> bool:
-    """Whether this torch build and CPU can pack ``dtype`` weights and get ``nn.Linear``'s answer (checked once)."""
+    """Whether this torch build and CPU can pack ``dtype`` weights and get ``nn.Linear``'s answer (checked once).
+
+    x86-64 only: that is where the speedup was measured; oneDNN on ARM goes through other kernels.
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
     if dtype not in PACKABLE_DTYPES or not torch.backends.mkldnn.is_available():
         return False
     if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
