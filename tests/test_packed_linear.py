@@ -72,3 +72,13 @@ def test_padded_calls_ignore_the_stale_rows_of_the_shared_buffer() -> None:
         for rows in (33, 17, 5):  # padded to 40, 20, 5 rows
             x = torch.randn(rows, 16)
             torch.testing.assert_close(packed(x), linear(x), atol=1e-5, rtol=1e-5)
+
+
+def test_warm_up_runs_every_bucket_of_every_weight_shape_once(tiny_model_dir) -> None:
+    from server.model.packed_linear import row_buckets, warm_up
+
+    model = load_base_model(tiny_model_dir("llama"))
+    head = model.get_output_embeddings()
+    shapes = {(m.in_features, m.out_features) for m in model.modules() if type(m) is nn.Linear and m is not head}
+    pack_linears(model)
+    assert warm_up(model, max_rows=64, max_head_rows=8) == len(shapes) * len(row_buckets(64)) + len(row_buckets(8))
