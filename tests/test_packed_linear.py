@@ -74,11 +74,15 @@ def test_padded_calls_ignore_the_stale_rows_of_the_shared_buffer() -> None:
             torch.testing.assert_close(packed(x), linear(x), atol=1e-5, rtol=1e-5)
 
 
-def test_warm_up_runs_every_bucket_of_every_weight_shape_once(tiny_model_dir) -> None:
+def test_warm_up_runs_every_bucket_of_every_weight_shape_once(tiny_model_dir, monkeypatch) -> None:
+    from server.model import packed_linear
     from server.model.packed_linear import row_buckets, warm_up
 
     model = load_base_model(tiny_model_dir("llama"))
     head = model.get_output_embeddings()
     shapes = {(m.in_features, m.out_features) for m in model.modules() if type(m) is nn.Linear and m is not head}
     pack_linears(model)
+    monkeypatch.setattr(packed_linear, "_WARMED", set())
     assert warm_up(model, max_rows=64, max_head_rows=8) == len(shapes) * len(row_buckets(64)) + len(row_buckets(8))
+    assert warm_up(model, max_rows=64, max_head_rows=8) == 0  # every kernel is built already
+    assert warm_up(model, max_rows=80, max_head_rows=8) == len(shapes) * (len(row_buckets(80)) - len(row_buckets(64)))

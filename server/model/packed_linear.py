@@ -135,22 +135,28 @@ def pack_linears(model: PreTrainedModel) -> int:
     return len(targets)
 
 
+# (in, out, has bias, dtype, rows) of every kernel built so far: oneDNN's cache is per process, so a second runner
+# on the same model (or a second model of the same shapes) has nothing left to build.
+_WARMED: set[tuple[int, int, bool, torch.dtype, int]] = set()
+
+
 @torch.inference_mode()
-def warm_up(model: nn.Module, max_rows: int, max_head_rows: int) -> int:
-    """Build oneDNN's kernel for every row bucket of every packed weight shape; returns how many calls that took.
+def warm_up(model: PreTrainedModel, max_rows: int, max_head_rows: int) -> int:
+    """Build oneDNN's kernel for every row bucket of every packed weight shape not built yet; returns how many
+    calls that took.
 
     ``max_rows`` bounds the rows of a forward pass (the step's token budget); the output head sees at most
     ``max_head_rows`` (one per sequence), so its larger buckets are never needed.
     """
-    head = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
-    shapes: dict[tuple[int, int, bool, bool], PackedLinear] = {}
-    for module in model.modules():
-        if isinstance(module, PackedLinear):
-            key = (module.in_features, module.out_features, module.bias is not None, module is head)
-            shapes.setdefault(key, module)
+    head = model.get_output_embeddings()
     calls = 0
-    for (in_features, _, _, is_head), linear in shapes.items():
-        for rows in row_buckets(max_head_rows if is_head else max_rows):
-            linear(torch.zeros(rows, in_features, dtype=linear.dtype))
-            calls += 1
+    for module in model.modules():
+        if not isinstance(module, PackedLinear):
+            continue
+        for rows in row_buckets(max_head_rows if module is head else max_rows):
+            key = (module.in_features, module.out_features, module.bias is not None, module.dtype, rows)
+            if key not in _WARMED:
+                module(torch.zeros(rows, module.in_features, dtype=module.dtype))
+                _WARMED.add(key)
+                calls += 1
     return calls
