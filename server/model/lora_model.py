@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 from server.lora.checkpoint import AdapterWeights, TargetableModules, read_adapter
 from server.lora.layers import BatchedLoraLinear
 from server.lora.mapping import LoraContext, TokenSlotMapping
-from server.lora.ops import select_op
+from server.lora.ops import LORA_OPS, lora_add_grouped, select_op
 from server.lora.slots import adapter_slots
 from server.model.packed_linear import pack_linears
 
@@ -43,8 +43,10 @@ class LoraModel:
         self.device = model.device
         self.dtype = model.dtype
         self.context = LoraContext()
-        self.op_name = op
-        lora_op = select_op(op, self.device)
+        lora_op = select_op(op, self.device, self.dtype)
+        self.op_name = next(name for name, fn in LORA_OPS.items() if fn is lora_op)
+        # Only the grouped torch op reads the short-run grid; the others would pay for building it every step.
+        self.short_grid = lora_op is lora_add_grouped
         output_head = model.get_output_embeddings()
         module_names = tuple(name for name, _ in model.named_modules() if name)
         linear_names = tuple(
