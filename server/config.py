@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     adapter_affinity: bool = Field(
         True, description="admit waiting requests whose adapter is already running first (bounded by 32 steps)"
     )
+    lora_op: Literal["auto", "native", "grouped", "reference", "triton", "triton_sgmv", "triton_bgmv"] = Field(
+        "auto",
+        description="LoRA kernel: auto = Triton on CUDA, the C kernel on CPU float32 (where it builds), else grouped",
+    )
     packed_weights: bool = Field(
         True, description="CPU: pack the frozen base weights into oneDNN's layout at startup (faster GEMMs)"
     )

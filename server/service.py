@@ -27,7 +27,10 @@ class Service:
         self.base_model_id = settings.base_model.name if settings.base_model else EMBEDDED_MODEL_ID
         log.info("loading base model %s from %s", self.base_model_id, base_dir)
         model = load_base_model(base_dir, settings.device, settings.dtype)
-        self.lora_model = LoraModel(model, settings.gpu_slots, settings.max_rank, pack_weights=settings.packed_weights)
+        self.lora_model = LoraModel(
+            model, settings.gpu_slots, settings.max_rank, op=settings.lora_op, pack_weights=settings.packed_weights
+        )
+        log.info("LoRA op: %s", self.lora_model.op_name)
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
         limits = UploadLimits(max_file_bytes=settings.max_upload_bytes, max_unpacked_bytes=settings.max_upload_bytes)
         self.registry = AdapterRegistry(settings.data_dir, self.validate_adapter, limits)

@@ -1,7 +1,9 @@
 """The C LoRA kernel: equals the reference op, builds once per machine, and leaves the torch op in charge where it
 cannot be built."""
 
+import json
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -128,3 +130,16 @@ def test_auto_falls_back_to_the_torch_op_without_the_kernel(monkeypatch: pytest.
     with pytest.raises(ValueError, match="native LoRA op needs"):
         select_op("native", torch.device("cpu"))
     assert ops.native_ops is native_ops  # the module select_op consults is the one patched here
+
+
+@needs_native
+def test_bench_lora_ops_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """loadtests/bench_lora_ops.py keeps working (one layer, one round; the real run is by hand)."""
+    from loadtests.bench_lora_ops import main
+
+    out = tmp_path / "ops.json"
+    argv = ["bench_lora_ops.py", "--layers", "1", "--slots", "32", "--repeats", "1", "--json", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    main()
+    figures = json.loads(out.read_text())["ms"]
+    assert len(figures) == 7 and all(set(row) == {"grouped", "native"} for row in figures.values())

@@ -174,6 +174,8 @@ def select_op(name: str, device: torch.device, dtype: torch.dtype = torch.float3
             name = "native" if native_fits and native_ops.native_usable() else "grouped"
     elif name == "native" and not (native_fits and native_ops.native_usable()):
         raise ValueError("the native LoRA op needs float32 on the CPU and a working C compiler (see the log)")
+    elif name.startswith("triton") and device.type != "cuda" and not triton_ops.interpreting():
+        raise ValueError(f"the {name} LoRA op needs a CUDA device")
     try:
         return LORA_OPS[name]
     except KeyError:
