@@ -1,6 +1,7 @@
 """The C LoRA kernel: equals the reference op, builds once per machine, and leaves the torch op in charge where it
 cannot be built."""
 
+import dataclasses
 import json
 import random
 import sys
@@ -100,6 +101,15 @@ def test_native_refuses_bad_input() -> None:
         lora_add_native(y.double(), x.double(), a.double(), b.double(), scales.double(), ranks, mapping)
     with pytest.raises(ValueError, match="out of range"):
         lora_add_native(y, x, a, b, scales, [0, 9, 0, 0, 0, 0, 0], mapping)  # rank above the max rank
+    with pytest.raises(ValueError, match="out of range"):
+        lora_add_native(y, x, a, b, scales, ranks, TokenSlotMapping.build([9] * 8))  # a slot past the last entry
+    untouched = y.clone()
+    with pytest.raises(ValueError, match="out of range"):  # a good run, then a run past the tokens
+        table = torch.tensor([[1, 0, 4], [1, 4, 12]], dtype=torch.int32)
+        lora_add_native(y, x, a, b, scales, ranks, dataclasses.replace(mapping, run_table=table))
+    assert torch.equal(y, untouched)  # checked before anything is written
+    with pytest.raises(ValueError, match="rows"):
+        lora_add_native(y[:4], x, a, b, scales, ranks, mapping)
     with pytest.raises(ValueError, match="contiguous rows"):
         lora_add_native(torch.randn(16, 8).T, x, a, b, scales, ranks, mapping)
 

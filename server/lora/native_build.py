@@ -141,8 +141,8 @@ def load(cache_dir: str | os.PathLike[str] | None = None) -> NativeLibrary:
         raise NativeBuildError(f"could not load {path}: {exc}") from exc
     fn = lib.lora_add_runs_f32
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    # y, ldy, x, ldx, in, out, a, b, max_rank, ranks, scales, runs, n_runs, num_threads
-    fn.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, i64, ctypes.c_int]
+    # y, ldy, x, ldx, n_tokens, in, out, a, b, n_entries, max_rank, ranks, scales, runs, n_runs, num_threads
+    fn.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, ptr, ptr, ptr, i64, ctypes.c_int]
     fn.restype = ctypes.c_int
     return NativeLibrary(path, flags, threaded, fn)
 

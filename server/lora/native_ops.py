@@ -46,19 +46,23 @@ def lora_add_native(
         raise RuntimeError("the native LoRA kernel is not available on this machine (select_op checks this)")
     if not (x.dtype == y.dtype == a.dtype == b.dtype == scales.dtype == torch.float32):
         raise TypeError("the native LoRA op takes float32 tensors only")
-    if x.stride(1) != 1:
+    if x.stride(1) != 1 or x.stride(0) < x.shape[1]:  # e.g. a transposed or broadcast x
         x = x.contiguous()
     if y.stride(1) != 1:
         raise ValueError("the native LoRA op writes y in place and needs contiguous rows")
+    if y.shape[0] != x.shape[0]:
+        raise ValueError(f"y has {y.shape[0]} rows and x {x.shape[0]}")
     a, b, scales = a.contiguous(), b.contiguous(), scales.contiguous()  # no-ops for the layer's buffers
     rank_table = views.rank_table if views is not None else torch.tensor(list(ranks), dtype=torch.int32)
+    if not a.shape[0] == b.shape[0] == scales.shape[0] == rank_table.shape[0]:
+        raise ValueError("a, b, scales and ranks must have one entry per slot")
     status = lib.lora_add_runs_f32(
-        y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), x.shape[1], y.shape[1],
-        a.data_ptr(), b.data_ptr(), a.shape[1], rank_table.data_ptr(), scales.data_ptr(),
+        y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], y.shape[1],
+        a.data_ptr(), b.data_ptr(), a.shape[0], a.shape[1], rank_table.data_ptr(), scales.data_ptr(),
         table.data_ptr(), table.shape[0], torch.get_num_threads(),
     )  # fmt: skip
     if status != 0:
-        raise ValueError("native LoRA op: a rank, run or max rank is out of range")
+        raise ValueError("native LoRA op: a slot, run, rank or shape is out of range (nothing was added)")
 
 
 @functools.cache

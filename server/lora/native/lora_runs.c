@@ -3,8 +3,8 @@
  *   for each run (slot, start, end), for t in [start, end):
  *       y[t, :] += scales[slot] * (x[t, :] @ a[slot, :ranks[slot], :].T) @ b[slot, :ranks[slot], :]
  *
- *   y: [T, out] row stride ldy     x: [T, in] row stride ldx
- *   a: [S+1, R, in] contiguous     b: [S+1, R, out] contiguous     (R = max_rank)
+ *   y: [T, out] row stride ldy     x: [T, in] row stride ldx       (T = n_tokens)
+ *   a: [S+1, R, in] contiguous     b: [S+1, R, out] contiguous     (S+1 = n_entries, R = max_rank)
  *   ranks: [S+1] int32             scales: [S+1] float32           runs: [n_runs, 3] int32 (slot, start, end)
  *
  * Why it exists: on CPU the per-run torch matmuls are tiny GEMMs ([rows, in] x [in, 16], [rows, 16] x [16, out])
@@ -104,13 +104,12 @@ static inline __attribute__((always_inline)) void block(
     expand_rows(y, ldy, xa, rank, b, out, TB);
 }
 
-/* One block of up to four rows of one run; returns 0, or -1 when the slot's rank is out of range. */
-static int run_block(
+/* One block of up to four rows of one run (arguments already checked). */
+static void run_block(
     float *y, int64_t ldy, const float *x, int64_t ldx, int64_t in, int64_t out, const float *a, const float *b,
     int64_t max_rank, const int32_t *ranks, const float *scales, int slot, int t, int rows, float *xa) {
     int rank = ranks[slot];
-    if (rank == 0) return 0;
-    if (rank < 0 || rank > max_rank) return -1;
+    if (rank == 0) return;
     float scale = scales[slot];
     const float *as = a + (int64_t)slot * max_rank * in, *bs = b + (int64_t)slot * max_rank * out;
     y += t * ldy;
@@ -122,22 +121,24 @@ static int run_block(
         case 1: block(y, ldy, x, ldx, as, bs, in, out, rank, scale, xa, 1); break;
         default: break;
     }
-    return 0;
 }
 
-/* Returns 0, or -1 when an argument is out of range (a run whose slot has a bad rank is skipped).
+/* Returns 0, or -1 (and writes nothing) when an argument is out of range: a slot past ``n_entries``, a run past
+ * ``n_tokens``, a rank above ``max_rank``.
  * Blocks of four rows are independent (each writes its own rows of y), so with OpenMP they are shared out among
  * ``num_threads`` threads; built with torch's bundled libgomp, that is torch's own thread pool. */
 int lora_add_runs_f32(
-    float *y, int64_t ldy, const float *x, int64_t ldx, int64_t in, int64_t out,
-    const float *a, const float *b, int64_t max_rank, const int32_t *ranks, const float *scales,
+    float *y, int64_t ldy, const float *x, int64_t ldx, int64_t n_tokens, int64_t in, int64_t out,
+    const float *a, const float *b, int64_t n_entries, int64_t max_rank, const int32_t *ranks, const float *scales,
     const int32_t *runs, int64_t n_runs, int num_threads) {
+    if (in < 1 || out < 1 || ldx < in || ldy < out || n_tokens < 0 || n_entries < 1) return -1;
     if (max_rank < 1 || max_rank > 1024 || n_runs < 0 || n_runs > (1 << 20)) return -1;
     int64_t n_blocks = 0;
-    for (int64_t i = 0; i < n_runs; i++) {
-        int64_t rows = (int64_t)runs[3 * i + 2] - runs[3 * i + 1];
-        if (rows < 0) return -1;
-        n_blocks += (rows + 3) / 4;
+    for (int64_t i = 0; i < n_runs; i++) { /* everything the blocks index is checked before any is run */
+        int64_t slot = runs[3 * i], start = runs[3 * i + 1], end = runs[3 * i + 2];
+        if (slot < 0 || slot >= n_entries || start < 0 || end < start || end > n_tokens) return -1;
+        if (ranks[slot] < 0 || ranks[slot] > max_rank) return -1;
+        n_blocks += (end - start + 3) / 4;
     }
     if (n_blocks == 0) return 0;
     int32_t *blocks = malloc(sizeof(int32_t) * 2 * n_blocks); /* (run, first row) of each block */
@@ -147,19 +148,17 @@ int lora_add_runs_f32(
             blocks[2 * k] = (int32_t)i;
             blocks[2 * k + 1] = t;
         }
-    int status = 0;
     if (num_threads < 1 || n_blocks < 2) num_threads = 1;
-#pragma omp parallel num_threads(num_threads) reduction(min : status)
+#pragma omp parallel num_threads(num_threads)
     {
         float xa[4 * max_rank]; /* one block's x @ A.T, scaled */
 #pragma omp for schedule(static)
         for (int64_t k = 0; k < n_blocks; k++) {
             const int32_t *run = runs + 3 * blocks[2 * k];
             int t = blocks[2 * k + 1], rows = run[2] - t < 4 ? run[2] - t : 4;
-            int s = run_block(y, ldy, x, ldx, in, out, a, b, max_rank, ranks, scales, run[0], t, rows, xa);
-            if (s < status) status = s;
+            run_block(y, ldy, x, ldx, in, out, a, b, max_rank, ranks, scales, run[0], t, rows, xa);
         }
     }
     free(blocks);
-    return status;
+    return 0;
 }
