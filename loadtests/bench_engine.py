@@ -18,6 +18,7 @@ Targets on a 2-core CPU with SmolLM2-135M: ours >= 0.85x ours-base, >= 2x peft-m
 import argparse
 import json
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -172,7 +173,7 @@ def main() -> None:
     # The same ratio within each ABBA round (the two contenders back to back): how much of it is drift.
     paired = [base / ours for ours, base in zip(rounds["ours"], rounds["ours-base"], strict=True)]
     print(f"ours / ours-base        = {ratios['ours_over_ours_base']:.2f}  (target >= 0.85; within each round: "
-          f"{', '.join(f'{r:.3f}' for r in paired)})")  # fmt: skip
+          f"{', '.join(f'{r:.3f}' for r in paired)}, median {statistics.median(paired):.3f})")  # fmt: skip
     print(f"ours / peft-mixed       = {ratios['ours_over_peft_mixed']:.2f}  (target >= 2)")
     print(f"ours / peft-per-request = {ratios['ours_over_peft_per_request']:.2f}  (target >= 8)")
     if args.json:
