@@ -137,7 +137,9 @@ def _split_runs(
     long_runs = [run for run in runs if run not in batched]
     distinct = tuple(sorted(by_slot))
     rows = max(len(tokens) for tokens in by_slot.values())
-    tokens, cells, gather = [], [], []
+    tokens: list[int] = []
+    cells: list[int] = []
+    gather: list[int] = []
     for d, slot in enumerate(distinct):
         mine = by_slot[slot]
         tokens.extend(mine)
