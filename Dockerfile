@@ -10,7 +10,7 @@
 # A base without Python 3.11 (the CUDA images have none) gets it from the distribution's packages, so the base
 # must offer `python3.11` and `python3.11-venv` through apt (Ubuntu 22.04 does, in universe).
 
-ARG BASE_IMAGE=python:3.11-slim
+ARG BASE_IMAGE=python:3.11.14-slim
 FROM ${BASE_IMAGE}
 
 # Empty = install torch together with the project from the default index (the CUDA build).

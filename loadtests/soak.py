@@ -29,6 +29,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from loadtests.soak_hardening import HARDENING  # noqa: E402
 from loadtests.soak_payloads import HOSTILE, KNOWN_ISSUES, Payloads, raw_status  # noqa: E402
 from loadtests.soak_report import RSS_GROWTH_LIMIT_MIB, render, write_docs  # noqa: E402
 from tests.http_server import ServerProcess  # noqa: E402
@@ -188,7 +189,7 @@ class Soak:
         await self.call("after-delete", {404, 429}, "POST", "/v1/generate", json=body)
 
     async def hostile(self) -> None:
-        kind, expect, build = self.rng.choice(HOSTILE)
+        kind, expect, build = self.rng.choice(HOSTILE + HARDENING)
         if not self.keys and kind.startswith("auth-"):
             return
         request = build(self.payloads)

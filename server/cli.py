@@ -2,9 +2,11 @@
 
 import argparse
 import logging
+import os
 import sys
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 log = logging.getLogger("server")
 
@@ -25,11 +27,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(flags: list[str]) -> int:
     from server.config import Settings
+    from server.settings_errors import describe
 
     try:
         settings = Settings(_cli_parse_args=flags)
-    except ValidationError as exc:
-        print(f"lora-server serve: invalid settings\n{exc}", file=sys.stderr)
+    except (ValidationError, SettingsError) as exc:
+        print(f"lora-server serve: invalid settings\n{describe(exc, flags, os.environ)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.api_key is None and settings.admin_key is None:
@@ -42,9 +45,14 @@ def serve(flags: list[str]) -> int:
     import uvicorn
 
     from server.api.app import create_app
+    from server.lora.registry import RegistryError
     from server.service import Service
 
-    service = Service(settings)
+    try:
+        service = Service(settings)
+    except RegistryError as exc:  # e.g. a data directory that is not the server's: say why, no traceback
+        print(f"lora-server serve: {exc}", file=sys.stderr)
+        return 2
     uvicorn.run(create_app(service), host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=settings.drain_timeout)  # fmt: skip
     return 0

@@ -6,7 +6,7 @@ Precedence: flag > environment variable > default. Every flag of ``lora-server s
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -16,6 +16,7 @@ class Settings(BaseSettings):
         cli_kebab_case=True,
         cli_prog_name="lora-server serve",
         cli_implicit_flags=True,
+        cli_exit_on_error=False,  # parser errors are raised for the CLI to tell without the values (keys!) they quote
         extra="ignore",
     )
 
@@ -60,8 +61,27 @@ class Settings(BaseSettings):
     metrics_requires_key: bool = Field(False, description="/metrics needs the API key too")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    @field_validator("api_key", "admin_key")
+    @classmethod
+    def _sendable_key(cls, key: SecretStr | None) -> SecretStr | None:
+        """A key no client can present would lock endpoints for good: refuse it at startup (without echoing it)."""
+        if key is None:
+            return None
+        value = key.get_secret_value()
+        if not value:
+            raise ValueError("the key is empty, which no client can present; leave the setting out to run without one")
+        if not all("!" <= c <= "~" for c in value):
+            raise ValueError("a key must be printable ASCII without spaces: clients send it in an HTTP header "
+                             "(Authorization: Bearer <key>)")  # fmt: skip
+        return key
+
     @model_validator(mode="after")
     def _check(self) -> "Settings":
+        keyless = self.api_key is None and self.admin_key is None
+        for flag, on in (("health_requires_key", self.health_requires_key),
+                         ("metrics_requires_key", self.metrics_requires_key)):  # fmt: skip
+            if on and keyless:  # it would do nothing: refuse rather than leave the endpoint open behind its back
+                raise ValueError(f"{flag} is set but no api_key or admin_key is configured: there is no key to require")
         if self.max_tokens_per_step < self.max_batch_size:
             raise ValueError("max_tokens_per_step must be at least max_batch_size")
         return self

@@ -1,12 +1,17 @@
 """Every Prometheus metric the server exports, defined in one place.
 
-Label cardinality is bounded: the ``adapter`` label takes at most ``max_adapter_labels`` distinct adapter names
-(the first ones seen); every later adapter is reported as ``other``, and the base model as ``base``. Outcome and
-tier labels come from fixed sets.
+Label cardinality is bounded: the ``adapter`` label takes at most ``max_adapter_labels`` distinct names of registered
+adapters at a time (the first ones seen). Deleting an adapter frees its label (its series are removed), so a later
+adapter can take it. Everything else gets a reserved label, which starts with "_" and so can never be an adapter
+name (names start with a letter or digit): ``__base__`` (no adapter), ``__other__`` (adapters past the limit),
+``__unknown__`` (requests naming an adapter that is not registered: their names never become labels, or a client
+could make unbounded series) and ``__deleted__`` (requests of an adapter that finished after it was deleted).
+Outcome and tier labels come from fixed sets.
 """
 
 import threading
 from collections.abc import Callable, Iterable
+from contextlib import suppress
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -15,36 +20,59 @@ from prometheus_client.registry import Collector
 from server.engine.stats import FinishedRecord
 from server.lora.slot_cache import CacheStats
 
-BASE_LABEL = "base"
-OTHER_LABEL = "other"
+BASE_LABEL = "__base__"
+OTHER_LABEL = "__other__"
+UNKNOWN_LABEL = "__unknown__"
+DELETED_LABEL = "__deleted__"
+RESERVED_LABELS = frozenset({BASE_LABEL, OTHER_LABEL, UNKNOWN_LABEL, DELETED_LABEL})
+REJECTED = "rejected"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
 _TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 class AdapterLabels:
-    """Maps adapter names to a bounded set of label values."""
+    """Maps adapter names to a bounded set of label values (the caller serialises calls: ServerMetrics' lock).
 
-    def __init__(self, limit: int) -> None:
+    ``registered(name)`` says whether an adapter is registered now: only registered adapters take a free label, so
+    requests that finish after their adapter was deleted (and its label released) cannot take one back for good.
+    """
+
+    def __init__(self, limit: int, registered: Callable[[str], bool] = lambda name: True) -> None:
         self.limit = limit
+        self._registered = registered
         self._known: set[str] = set()
-        self._lock = threading.Lock()
 
     def __call__(self, adapter: str | None) -> str:
         if adapter is None:
             return BASE_LABEL
-        with self._lock:
-            if adapter in self._known:
-                return adapter
-            if len(self._known) < self.limit:
-                self._known.add(adapter)
-                return adapter
+        if adapter in self._known:
+            return adapter
+        if not self._registered(adapter):
+            return DELETED_LABEL
+        if len(self._known) < self.limit:
+            self._known.add(adapter)
+            return adapter
         return OTHER_LABEL
+
+    def release(self, adapter: str) -> bool:
+        """Free ``adapter``'s label; True when it had one (False when it was counted under a reserved label)."""
+        if adapter in self._known:
+            self._known.discard(adapter)
+            return True
+        return False
 
 
 class ServerMetrics:
-    def __init__(self, max_adapter_labels: int = 100) -> None:
+    """``registered(name)``: whether an adapter is registered now (the registry's ``__contains__``); without it,
+    every adapter counts as registered."""
+
+    def __init__(self, max_adapter_labels: int = 100, registered: Callable[[str], bool] = lambda name: True) -> None:
         self.registry = CollectorRegistry()
-        self.label = AdapterLabels(max_adapter_labels)
+        self.label = AdapterLabels(max_adapter_labels, registered)
+        # One lock around choosing a label and updating its series, so that releasing a label cannot interleave
+        # with an observation and leave a series behind for a label nobody holds.
+        self._lock = threading.Lock()
+        self._outcomes: dict[str, set[str]] = {}  # adapter label -> outcomes it has series for (to remove them)
         r = self.registry
         self.requests = Counter("lora_requests", "Requests by adapter and outcome", ["adapter", "outcome"], registry=r)
         self.queue_seconds = Histogram(
@@ -66,21 +94,47 @@ class ServerMetrics:
         self.step_tokens = Histogram("lora_step_tokens", "Tokens per engine step", buckets=_TOKEN_BUCKETS, registry=r)
 
     def observe_finished(self, record: FinishedRecord) -> None:
-        adapter = self.label(record.adapter)
-        self.requests.labels(adapter, record.finish_reason).inc()
-        self.prompt_tokens.labels(adapter).inc(record.prompt_tokens)
-        self.generated_tokens.labels(adapter).inc(record.completion_tokens)
-        for histogram, value in (
-            (self.queue_seconds, record.queue_seconds),
-            (self.ttft, record.ttft_seconds),
-            (self.tpot, record.tpot_seconds),
-            (self.e2e, record.e2e_seconds),
-        ):
-            if value is not None:
-                histogram.labels(adapter).observe(value)
+        with self._lock:
+            adapter = self.label(record.adapter)
+            self._count(adapter, record.finish_reason)
+            self.prompt_tokens.labels(adapter).inc(record.prompt_tokens)
+            self.generated_tokens.labels(adapter).inc(record.completion_tokens)
+            for histogram, value in (
+                (self.queue_seconds, record.queue_seconds),
+                (self.ttft, record.ttft_seconds),
+                (self.tpot, record.tpot_seconds),
+                (self.e2e, record.e2e_seconds),
+            ):
+                if value is not None:
+                    histogram.labels(adapter).observe(value)
 
     def observe_rejected(self, adapter: str | None) -> None:
-        self.requests.labels(self.label(adapter), "rejected").inc()
+        """A request for the base model (None) or a registered adapter refused at submission (limits, full queue)."""
+        with self._lock:
+            self._count(self.label(adapter), REJECTED)
+
+    def observe_rejected_unknown(self) -> None:
+        """A request naming an adapter that is not registered (404); the name is not used as a label."""
+        with self._lock:
+            self._count(UNKNOWN_LABEL, REJECTED)
+
+    def forget_adapter(self, name: str) -> None:
+        """``name`` was deleted: remove its series and free its label for the next adapter. Prometheus then sees
+        the series end (increments since the last scrape are lost to ``rate()``); the stored history stays."""
+        with self._lock:
+            if not self.label.release(name):
+                return
+            for outcome in self._outcomes.pop(name, set()):
+                with suppress(KeyError):
+                    self.requests.remove(name, outcome)
+            for metric in (self.queue_seconds, self.ttft, self.tpot, self.e2e, self.prompt_tokens,
+                           self.generated_tokens):  # fmt: skip
+                with suppress(KeyError):
+                    metric.remove(name)
+
+    def _count(self, adapter: str, outcome: str) -> None:
+        self.requests.labels(adapter, outcome).inc()
+        self._outcomes.setdefault(adapter, set()).add(outcome)
 
     def observe_step(self, num_tokens: int) -> None:
         if num_tokens:

@@ -9,7 +9,7 @@ from server.config import Settings
 from server.engine.engine import Engine, EngineConfig
 from server.lora.checkpoint import CONFIG_FILE
 from server.lora.errors import AdapterError
-from server.lora.registry import AdapterExists, AdapterRegistry, AdapterSummary, RegistryError, UploadLimits
+from server.lora.registry import AdapterRegistry, AdapterSummary, RegistryError, UploadLimits
 from server.metrics import EngineView, ServerMetrics
 from server.model.embedded import EMBEDDED_MODEL_ID, ensure_embedded_model
 from server.model.loader import load_base_model
@@ -23,6 +23,9 @@ class Service:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # First, so that a data directory the server may not use is refused before the model is loaded (seconds).
+        limits = UploadLimits(max_file_bytes=settings.max_upload_bytes, max_unpacked_bytes=settings.max_upload_bytes)
+        self.registry = AdapterRegistry(settings.data_dir, self.validate_adapter, limits)
         base_dir = settings.base_model or ensure_embedded_model()
         self.base_model_id = settings.base_model.name if settings.base_model else EMBEDDED_MODEL_ID
         log.info("loading base model %s from %s", self.base_model_id, base_dir)
@@ -32,8 +35,6 @@ class Service:
         )
         log.info("LoRA op: %s", self.lora_model.op_name)
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
-        limits = UploadLimits(max_file_bytes=settings.max_upload_bytes, max_unpacked_bytes=settings.max_upload_bytes)
-        self.registry = AdapterRegistry(settings.data_dir, self.validate_adapter, limits)
         self.engine = Engine(
             self.lora_model,
             self.tokenizer,
@@ -50,7 +51,7 @@ class Service:
                 request_timeout=settings.request_timeout,
             ),
         )
-        self.metrics = ServerMetrics(settings.metrics_adapter_labels)
+        self.metrics = ServerMetrics(settings.metrics_adapter_labels, registered=self.registry.__contains__)
         self.engine.on_finish.append(self.metrics.observe_finished)
         self.engine.on_step.append(self.metrics.observe_step)
         self.metrics.add_engine_view(
@@ -79,11 +80,9 @@ class Service:
         for folder in sorted(p for p in root.iterdir() if (p / CONFIG_FILE).is_file()):
             if folder.name in self.registry:
                 continue
-            try:
+            try:  # AdapterExists here: an unregistered folder of that name is in the data directory
                 self.registry.add_folder(folder.name, folder, source="startup")
                 log.info("registered startup adapter %s", folder.name)
-            except AdapterExists:
-                continue
             except (AdapterError, RegistryError) as exc:
                 log.warning("startup adapter %s refused: %s", folder.name, exc)
 
@@ -93,6 +92,7 @@ class Service:
     def delete_adapter(self, name: str) -> None:
         self.registry.delete(name)
         self.engine.forget_adapter(name)
+        self.metrics.forget_adapter(name)  # after the registry: late finishes then count as __deleted__
 
     def start(self) -> None:
         self.engine.start()

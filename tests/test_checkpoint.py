@@ -168,7 +168,20 @@ HOSTILE: dict[str, Callable[[Path], None]] = {
     "config not json": lambda f: (f / CONFIG_FILE).write_text("{'r': 8"),
     "rank pattern absurd": lambda f: _edit_config(f, rank_pattern={"q_proj": 10**9}),
     "alpha pattern nan": lambda f: _edit_config(f, alpha_pattern={"q_proj": float("nan")}),
+    # JSON that broke the stdlib reader itself (RecursionError, ValueError, OverflowError: HTTP 500 before)
+    "config nested 100k deep": lambda f: _splice_config(f, "x", "[" * 100_000 + "]" * 100_000),
+    "int literal over the digit limit": lambda f: _splice_config(f, "r", "8" * 5000),
+    "alpha of 400 digits": lambda f: _splice_config(f, "lora_alpha", "9" * 400),
+    "alpha pattern value of 400 digits": lambda f: _splice_config(f, "alpha_pattern", '{"q_proj": ' + "9" * 400 + "}"),
+    "rank of 400 digits": lambda f: _splice_config(f, "r", "9" * 400),
+    "config over 1 MiB": lambda f: _splice_config(f, "x", '"' + "y" * 2**20 + '"'),
 }
+
+
+def _splice_config(folder: Path, key: str, literal: str) -> None:
+    """Set ``key`` to ``literal`` verbatim in the JSON text (values no JSON writer would produce)."""
+    text = (folder / CONFIG_FILE).read_text().rstrip().removesuffix("}").rstrip()
+    (folder / CONFIG_FILE).write_text(f'{text}, "{key}": {literal}}}')
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))

@@ -2,6 +2,7 @@
 
 import json
 import random
+import time
 from collections.abc import Sequence
 
 import pytest
@@ -128,23 +129,28 @@ def test_flush_releases_a_trailing_incomplete_character(byte_level: PreTrainedTo
 
 
 def _stream_with_stops(chunks: Sequence[str], stops: Sequence[str]) -> tuple[list[str], str]:
-    """Drive StopChecker the way the engine does: check, then stream all but the holdback. -> (streamed, final).
+    """Drive StopChecker the way the engine does: feed, then stream all but the holdback. -> (streamed, final).
 
     Streaming only ever appends, so ``"".join(streamed) == final`` also proves no earlier piece let out stop text.
     """
     checker = StopChecker(stops)
-    text, streamed, checked = "", [], 0
+    text, streamed = "", list[str]()
     for chunk in chunks:
         text += chunk
-        index = checker.check(text, start=checked - checker.max_len + 1)
-        checked = len(text)
+        index = checker.feed(chunk)
         if index is not None:
             final = text[:index]
             streamed.append(final[len("".join(streamed)) :])
             return streamed, final
-        streamed.append(text[len("".join(streamed)) : len(text) - checker.holdback(text)])
+        streamed.append(text[len("".join(streamed)) : len(text) - checker.holdback])
     streamed.append(text[len("".join(streamed)) :])
     return streamed, text
+
+
+def _holdback(stops: Sequence[str], text: str) -> int:
+    checker = StopChecker(stops)
+    assert checker.feed(text) is None
+    return checker.holdback
 
 
 def test_stop_spanning_two_tokens(byte_level: PreTrainedTokenizerFast) -> None:
@@ -156,19 +162,42 @@ def test_stop_spanning_two_tokens(byte_level: PreTrainedTokenizerFast) -> None:
 
 
 def test_earliest_of_several_stops() -> None:
-    checker = StopChecker(["world", "lo w", "o"])
-    assert checker.check("hello world") == 3
-    assert checker.check("hell") is None
-    assert checker.check("hello world", start=5) == 6  # only occurrences starting at or after `start`
+    assert StopChecker(["world", "lo w", "o"]).feed("hello world") == 3
+    assert StopChecker(["world", "lo w", "o"]).feed("hell") is None
+    checker = StopChecker(["world", "o w"])
+    assert checker.feed("hell") is None
+    assert checker.feed("o world") == 4  # indices count the whole text; "o w" starts before "world" ends
+    checker = StopChecker(["abcd", "bc"])
+    assert checker.feed("a") is None
+    assert checker.feed("bc") == 1  # "abcd" may still come, but "bc" is already there: stop at the first found
 
 
 def test_holdback() -> None:
-    checker = StopChecker(["world", "<|end|>"])
-    assert checker.holdback("hello wor") == 3
-    assert checker.holdback("hello <|en") == 4
-    assert checker.holdback("hello") == 0
-    assert checker.holdback("hello world") == 0  # a full match is check()'s job, not a prefix
-    assert StopChecker([]).holdback("anything") == 0
+    assert _holdback(["world", "<|end|>"], "hello wor") == 3
+    assert _holdback(["world", "<|end|>"], "hello <|en") == 4
+    assert _holdback(["world", "<|end|>"], "hello") == 0
+    assert _holdback(["aab"], "aaaa") == 2  # the KMP fallback keeps the overlap
+    assert _holdback([], "anything") == 0
+    checker = StopChecker(["world"])
+    assert checker.feed("hello wo") is None and checker.holdback == 2
+    assert checker.feed("x") is None and checker.holdback == 0  # the prefix broke off: stream it
+
+
+def test_stop_matching_cost_does_not_grow_with_text_or_stop_length() -> None:
+    """Four 100k-character stop strings: a long run of text that almost matches them, then a long run that matches
+    nothing. The old holdback rescanned every prefix of every stop on every token (18 ms a token 1000 tokens into
+    the second run, 50 ms at its end: minutes in all); a token now costs its own characters, plus one fallback walk
+    when a near-match breaks off."""
+    checker = StopChecker(["a" * 99_999 + c for c in "bcde"])
+    start = time.perf_counter()
+    for _ in range(10_000):
+        assert checker.feed("a") is None
+    assert checker.holdback == 10_000
+    assert checker.feed("b") is None and checker.holdback == 0  # 10000 "a" + "b" starts no stop: nothing held
+    for _ in range(10_000):
+        assert checker.feed("b") is None
+    assert checker.holdback == 0
+    assert time.perf_counter() - start < 2.0  # measured ~0.1 s on a loaded 2-core machine
 
 
 def test_empty_stop_string_is_rejected() -> None:

@@ -1,10 +1,12 @@
 """The engine against PEFT's ``generate``: token for token, mixed adapters, staggered arrivals, chunked prompts."""
 
 import asyncio
+import gc
 import random
 import shutil
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,8 @@ import torch
 from transformers import AutoTokenizer
 
 from server.engine import engine as engine_module
-from server.engine.engine import Engine, EngineConfig, RequestError
+from server.engine.engine import MAX_FAILED_STEPS, Engine, EngineConfig, EngineStoppedError, RequestError
+from server.engine.handle import RequestHandle, RequestResult
 from server.engine.request import FinishReason
 from server.engine.sampling import SamplingParams
 from server.model.loader import load_base_model
@@ -362,3 +365,111 @@ def test_non_finite_logits_fail_only_their_request(setup, monkeypatch) -> None:
     assert failed.finish_reason == FinishReason.ERROR and "non-finite" in (failed.error or "")
     assert served.finish_reason == FinishReason.LENGTH and served.completion_tokens == 4
     assert engine.scheduler.num_running == 0
+
+
+def result_within(handle: RequestHandle, seconds: float) -> RequestResult:
+    """``handle.result()``, failing the test instead of hanging when the engine never finishes the request."""
+    box: list[RequestResult] = []
+    reader = threading.Thread(target=lambda: box.append(handle.result()), daemon=True)
+    reader.start()
+    reader.join(seconds)
+    assert box, f"request {handle.request_id} got no final event within {seconds} s"
+    return box[0]
+
+
+def test_prefetched_reads_are_bounded_and_dropped_when_nobody_waits(setup, monkeypatch) -> None:
+    """24 requests for 24 distinct adapters wait on a slow disk, then are cancelled: the prefetcher never holds more
+    than --cpu-slots reads, reads for the cancelled requests never start, and the one already running is dropped
+    when it completes (before: 24 reads queued, all of them run, and all 24 host copies stay forever)."""
+    model_dir, adapters, _ = setup
+    names = {f"x{i}": adapters[f"a{i % len(adapters)}"] for i in range(24)}
+    engine = make_engine(model_dir, {**names, "fresh": adapters["a0"]}, cpu_slots=2)
+    gate = threading.Event()
+    read = engine.model.read_adapter
+    started: list[Path] = []
+    results: list[weakref.ref] = []
+
+    def slow_read(folder):
+        started.append(folder)
+        gate.wait(10)
+        weights = read(folder)
+        results.append(weakref.ref(weights))
+        return weights
+
+    monkeypatch.setattr(engine.model, "read_adapter", slow_read)
+    params = SamplingParams(max_new_tokens=2, ignore_eos=True)
+    handles = [engine.submit([1, 2, 3], name, params) for name in names]
+    for _ in range(5):
+        engine.step()
+        assert len(engine.prefetcher) <= engine.prefetcher.capacity == 2
+    for handle in handles:
+        handle.cancel()
+    engine.step()
+    assert len(engine.prefetcher) == 0
+    assert all(h.result().finish_reason == FinishReason.CANCELLED for h in handles)
+    gate.set()
+    # The loader is one FIFO worker: once this request's read is done, every read queued before it has run.
+    fresh = engine.submit([1, 2, 3], "fresh", params)
+    run_until_done(engine)
+    assert fresh.result().finish_reason == FinishReason.LENGTH
+    assert len(started) == 2  # x0's read (running when cancelled) and fresh's; x1's was cancelled before it started
+    gc.collect()
+    assert [r for r in results[:-1] if r() is not None] == []  # nothing keeps a cancelled request's read
+    assert len(engine.prefetcher) == 0
+
+
+def test_the_engine_stops_for_good_when_failing_its_requests_fails(setup, monkeypatch) -> None:
+    """The watchdog: a step fails outside the model and so does failing its requests (an exception in _fail_all),
+    which used to end the engine thread silently with every request hanging. Now every request held, running or
+    waiting, gets an error at once, ``running`` is false (/ready answers 503) and ``submit`` refuses."""
+    model_dir, adapters, _ = setup
+    engine = make_engine(model_dir, adapters, max_batch_size=1)
+    engine.start()
+    try:
+        params = SamplingParams(max_new_tokens=100, ignore_eos=True)
+        running = engine.submit([1, 2, 3], None, params)
+        next(iter(running))  # its first token: it holds the only row
+        waiting = [engine.submit([4, 5, 6], adapter, params) for adapter in (None, "a1")]
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("scheduler state corrupted")
+
+        monkeypatch.setattr(engine.scheduler, "finish", broken)
+        monkeypatch.setattr(engine.scheduler, "schedule", broken)
+        started = time.monotonic()
+        for handle in [running, *waiting]:
+            result = result_within(handle, 10)
+            assert result.finish_reason == FinishReason.ERROR
+            assert "engine stopped" in (result.error or "") and "scheduler state corrupted" in (result.error or "")
+        assert time.monotonic() - started < 5
+        assert not engine.running and "scheduler state corrupted" in (engine.stopped_reason or "")
+        with pytest.raises(EngineStoppedError, match="scheduler state corrupted"):
+            engine.submit([1, 2, 3], None, params)
+    finally:
+        engine.shutdown()
+
+
+def test_a_step_that_keeps_failing_stops_the_engine(setup, monkeypatch) -> None:
+    """One failing step fails the requests in flight and the loop goes on; MAX_FAILED_STEPS in a row mean the
+    engine itself is broken: it stops, so that /ready sends clients elsewhere instead of failing them one by one."""
+    model_dir, adapters, _ = setup
+    engine = make_engine(model_dir, adapters)
+
+    def broken():
+        raise RuntimeError("schedule broke")
+
+    monkeypatch.setattr(engine.scheduler, "schedule", broken)
+    engine.start()
+    try:
+        params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+        for _ in range(MAX_FAILED_STEPS - 1):
+            failed = result_within(engine.submit([1, 2, 3], None, params), 10)
+            assert failed.finish_reason == FinishReason.ERROR and "schedule broke" in (failed.error or "")
+            assert engine.running
+        last = result_within(engine.submit([1, 2, 3], None, params), 10)
+        assert last.finish_reason == FinishReason.ERROR and "engine stopped" in (last.error or "")
+        assert not engine.running
+        with pytest.raises(EngineStoppedError, match="schedule broke"):
+            engine.submit([1, 2, 3], None, params)
+    finally:
+        engine.shutdown()

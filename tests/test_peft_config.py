@@ -114,6 +114,19 @@ MATCHING_CASES = {
     "exclude_list": dict(target_modules=_QKV, exclude_modules=["model.layers.1.self_attn.k_proj", "v_proj"]),
     "exclude_regex": dict(target_modules=["o_proj", "up_proj"], exclude_modules=r".*layers\.0\..*"),
     "exclude_with_regex_target": dict(target_modules=r".*_proj", exclude_modules=["mlp.gate_proj", "q_proj"]),
+    # Regex features RE2 and peft's re share: classes, alternation, lazy and bounded repeats, inline flags, groups.
+    "regex_features": dict(
+        target_modules=r"(?i)model\.layers\.[0-9]{1,2}\.(self_attn\.(Q|v)_proj|mlp\.(down|up)_proj)",
+        r=4,
+        rank_pattern={r"(q|v)_proj": 2, r"layers\.[12]\..*?": 6, "model.layers.0.mlp.up_proj": 3},
+        alpha_pattern={r"mlp\.\w+_proj": 3, r"(?:self_attn)\.v_proj$": 5},
+        exclude_modules=r".*\.1\.self_attn\..*",
+    ),
+    # A layers_pattern entry with a top-level "|": on mlp modules its first branch matches without the index group,
+    # which leaves them out (peft does not try the next entry); attention modules fall through to "layers".
+    "layers_pattern_alternation": dict(
+        target_modules=[*_QKV, "gate_proj"], layers_to_transform=[1], layers_pattern=["mlp|h", "layers"]
+    ),
 }
 
 

@@ -418,16 +418,17 @@ def test_delete_then_restart(tmp_path: Path, registry: AdapterRegistry, validato
 def test_startup_cleans_crash_leftovers(tmp_path: Path, registry: AdapterRegistry, validator: FakeValidator) -> None:
     add(registry, "kept")
     add(registry, "lost")
+    add(registry, "half-deleted")
     data = registry.data_dir
     (data / "staging" / "upload-abc" / "adapter").mkdir(parents=True)  # an upload interrupted mid-stream
     (data / "staging" / "upload-abc" / "adapter" / "adapter_model.safetensors").write_bytes(b"partial")
     (data / "staging" / "stray-file").write_bytes(b"x")
-    (data / "adapters" / "ghost").mkdir()  # renamed into place, crash before the index write
-    (data / "adapters" / "ghost" / "adapter_config.json").write_bytes(config_bytes())
     (data / ".index-123.tmp").write_text("{half")  # an index write interrupted before os.replace
-    for f in (data / "adapters" / "lost").iterdir():  # an indexed folder that vanished
-        f.unlink()
+    for f in (data / "adapters" / "lost").iterdir():  # an indexed folder that vanished (or a commit that crashed
+        f.unlink()  # after its index write, before its rename)
     (data / "adapters" / "lost").rmdir()
+    (data / "staging" / "deleted-x").mkdir()  # a delete that crashed after its rename, before its index write
+    os.rename(data / "adapters" / "half-deleted", data / "staging" / "deleted-x" / "adapter")
 
     again = AdapterRegistry(data, validator)
     assert [r.name for r in again.list()] == ["kept"]
@@ -435,6 +436,27 @@ def test_startup_cleans_crash_leftovers(tmp_path: Path, registry: AdapterRegistr
     assert sorted(p.name for p in (data / "adapters").iterdir()) == ["kept"]
     assert list(json.loads((data / "index.json").read_text())["adapters"]) == ["kept"]
     assert not list(data.glob(".index-*"))
+
+
+def test_unindexed_folder_is_kept_and_never_replaced(registry: AdapterRegistry, validator: FakeValidator) -> None:
+    """The server never leaves an unindexed folder in adapters/, so one it finds there is not its own: kept, and an
+    upload of that name is refused (409) instead of deleting it."""
+    add(registry, "kept")
+    data = registry.data_dir
+    mine = data / "adapters" / "hand-copied"
+    mine.mkdir()
+    (mine / "adapter_config.json").write_bytes(config_bytes())
+    (mine / "notes.txt").write_bytes(b"my own notes")
+
+    again = AdapterRegistry(data, validator)
+    assert [r.name for r in again.list()] == ["kept"]
+    assert (mine / "notes.txt").read_bytes() == b"my own notes"
+    with pytest.raises(AdapterExists, match="not a registered adapter"):
+        add(again, "hand-copied")
+    with pytest.raises(AdapterExists, match="not a registered adapter"):
+        again.add_files("hand-copied", UnreadableStream(), UnreadableStream())  # type: ignore[arg-type]
+    assert (mine / "notes.txt").read_bytes() == b"my own notes" and staging_empty(again)
+    assert sorted(p.name for p in mine.iterdir()) == ["adapter_config.json", "notes.txt"]
 
 
 def test_malformed_index_refuses_to_start(tmp_path: Path, registry: AdapterRegistry, validator: FakeValidator) -> None:
@@ -499,3 +521,65 @@ def test_disk_full_leaves_nothing(
     assert not list(registry.data_dir.glob(".index-*"))
     reopened = AdapterRegistry(registry.data_dir, validator)
     assert [r.name for r in reopened.list()] == ["before"] and "after" not in reopened
+
+
+FULL_DISK_ERRNOS = ["ENOSPC", "EDQUOT"]
+
+
+@pytest.mark.parametrize("code", FULL_DISK_ERRNOS)
+@pytest.mark.parametrize("stage", ["index", "staging"])
+def test_disk_full_during_delete_changes_nothing(
+    registry: AdapterRegistry, validator: FakeValidator, monkeypatch: pytest.MonkeyPatch, stage: str, code: str
+) -> None:
+    """A delete that cannot write its index (or make its staging folder) answers StorageFull (HTTP 507) and leaves
+    the adapter registered, its files intact, the index unchanged, and nothing in staging."""
+    import errno
+    import tempfile
+
+    from server.lora import registry as registry_module
+
+    add(registry, "doomed")
+    add(registry, "bystander")
+    data = registry.data_dir
+    index_before = (data / "index.json").read_bytes()
+    files_before = {p.name: p.read_bytes() for p in registry.path("doomed").iterdir()}
+    full = OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+    if stage == "index":
+        monkeypatch.setattr(registry_module.json, "dump", lambda *a, **k: (_ for _ in ()).throw(full))
+    else:
+        monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: (_ for _ in ()).throw(full))
+    with pytest.raises(registry_module.StorageFull, match="full.*nothing was deleted"):
+        registry.delete("doomed")
+    monkeypatch.undo()
+
+    assert "doomed" in registry and registry.get("doomed").name == "doomed"
+    assert {p.name: p.read_bytes() for p in registry.path("doomed").iterdir()} == files_before
+    assert (data / "index.json").read_bytes() == index_before
+    assert staging_empty(registry) and not list(data.glob(".index-*"))
+    reopened = AdapterRegistry(data, validator)
+    assert [r.name for r in reopened.list()] == ["bystander", "doomed"]
+    reopened.delete("doomed")  # and with space again, the delete goes through
+    assert [r.name for r in reopened.list()] == ["bystander"] and not (data / "adapters" / "doomed").exists()
+
+
+def test_failed_rename_during_commit_restores_the_index(
+    registry: AdapterRegistry, validator: FakeValidator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit writes the index first; if the folder then cannot be put in place, the old index comes back and
+    nothing is left in adapters/ or staging/."""
+    add(registry, "before")
+    index_before = (registry.data_dir / "index.json").read_bytes()
+    real_rename = os.rename
+
+    def rename(src: object, dst: object) -> None:
+        if Path(str(dst)).parent == registry.data_dir / "adapters":
+            raise OSError("rename refused")
+        real_rename(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match="rename refused"):
+        add(registry, "after")
+    monkeypatch.undo()
+    assert (registry.data_dir / "index.json").read_bytes() == index_before
+    assert_nothing_left(registry, "after")
+    assert [r.name for r in AdapterRegistry(registry.data_dir, validator).list()] == ["before"]

@@ -6,7 +6,15 @@ import pytest
 import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from server.engine.sampling import INVALID_TOKEN, RowSampler, SamplingParams, filter_top_k_top_p, sample
+from server.engine.sampling import (
+    INVALID_TOKEN,
+    MAX_STOP_LENGTH,
+    MAX_STOP_STRINGS,
+    RowSampler,
+    SamplingParams,
+    filter_top_k_top_p,
+    sample,
+)
 
 VOCAB = 64
 
@@ -161,6 +169,14 @@ def test_params_defaults_and_greedy() -> None:
     assert not SamplingParams(temperature=0.1).greedy
 
 
+def test_stop_strings_at_the_caps_are_accepted() -> None:
+    """The caps (OpenAI's 4 stop strings; 256 characters each, ours) are inclusive."""
+    stops = tuple(str(i) + "x" * (MAX_STOP_LENGTH - 1) for i in range(MAX_STOP_STRINGS))
+    assert SamplingParams(stop=stops).stop == stops
+    with pytest.raises(ValueError, match="at most 4 strings"):
+        SamplingParams(stop=(*stops, "y"))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
@@ -176,6 +192,8 @@ def test_params_defaults_and_greedy() -> None:
         ({"seed": 2**63}, "seed"),
         ({"stop": ("a", "b", "c", "d", "e")}, "stop"),
         ({"stop": ("a", "")}, "stop"),
+        ({"stop": ("a", "x" * (MAX_STOP_LENGTH + 1))}, "stop strings may have at most 256 characters"),
+        ({"stop": "abc"}, "stop must be a sequence"),  # not three one-character stops
     ],
 )
 def test_params_validation_names_the_field(kwargs: dict, field: str) -> None:

@@ -1,16 +1,18 @@
-"""The FastAPI application: routes, error handlers, the body size guard, health and metrics endpoints."""
+"""The FastAPI application: routes, error handlers, the key and body size guards, health and metrics endpoints."""
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.api import routes_adapters, routes_generate, routes_openai
-from server.api.auth import require_health_key, require_metrics_key
+from server.api.auth import KeyPolicy, require_health_key, require_metrics_key
 from server.api.body_limit import BodySizeGuard
 from server.api.errors import error_response, install_error_handlers
+from server.api.key_guard import AccessTable, KeyGuard, document_keys
 from server.service import Service
 
 # Multipart framing around the two files of an upload; bodies beyond 2 * max_upload_bytes + this are refused.
@@ -33,13 +35,9 @@ def create_app(service: Service) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.service = service
-    install_error_handlers(app)
     settings = service.settings
-    app.add_middleware(
-        BodySizeGuard,
-        max_upload_bytes=2 * settings.max_upload_bytes + _MULTIPART_OVERHEAD,
-        max_request_bytes=settings.max_request_bytes,
-    )
+    app.state.key_policy = KeyPolicy.from_settings(settings)
+    install_error_handlers(app)
     app.include_router(routes_generate.router)
     app.include_router(routes_adapters.router)
     app.include_router(routes_openai.router)
@@ -66,4 +64,21 @@ def create_app(service: Service) -> FastAPI:
         body = generate_latest(request.app.state.service.metrics.registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
+    max_upload_body = 2 * settings.max_upload_bytes + _MULTIPART_OVERHEAD
+    app.add_middleware(BodySizeGuard, max_upload_bytes=max_upload_body, max_request_bytes=settings.max_request_bytes)
+    # Added last, so it runs first: keys are decided from the head, before BodySizeGuard or a parser reads the body.
+    # The table is built here, once every route exists; a route that declares no key requirement stops startup.
+    docs = (app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url)
+    app.state.access_table = AccessTable.from_routes(app.routes, open_paths=docs)
+    largest_body = max(max_upload_body, settings.max_request_bytes)
+    app.add_middleware(KeyGuard, policy=app.state.key_policy, table=app.state.access_table, max_body_bytes=largest_body)
+
+    generate_openapi = app.openapi  # FastAPI's, which caches its schema in app.openapi_schema
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document_keys(generate_openapi(), app.state.access_table, app.state.key_policy)
+        return generate_openapi()
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend the schema
     return app

@@ -1,18 +1,20 @@
 """Submitting a generation to the engine from an async handler, shared by our API and the OpenAI-compatible one."""
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import TypeVar
 
 from fastapi import Request
 
 from server.api.errors import ApiError, ClientDisconnected
-from server.engine.engine import QueueFullError, RequestError, UnknownAdapterError
+from server.engine.engine import EngineStoppedError, QueueFullError, RequestError, UnknownAdapterError
 from server.engine.handle import RequestHandle, RequestOutput, RequestResult, collect
 from server.engine.request import FinishReason
 from server.engine.sampling import SamplingParams
 from server.service import Service
 
 RETRY_AFTER_SECONDS = "1"
+T = TypeVar("T")
 
 
 def sampling_params(**fields: object) -> SamplingParams:
@@ -22,21 +24,15 @@ def sampling_params(**fields: object) -> SamplingParams:
         raise ApiError(422, "invalid_request", str(exc)) from None
 
 
-def tokenize(service: Service, prompt: str) -> list[int]:
-    ids = service.tokenizer(prompt)["input_ids"]
-    if not ids:
-        raise ApiError(422, "invalid_request", "the prompt encodes to no tokens")
-    return list(ids)
-
-
 def submit(service: Service, prompt_ids: Sequence[int], adapter: str | None, params: SamplingParams) -> RequestHandle:
     """Queue the request; 404 for an unknown adapter, 400 for limits, 429 with Retry-After when the queue is full."""
     if adapter is not None and adapter not in service.registry:
-        service.metrics.observe_rejected(None)
+        service.metrics.observe_rejected_unknown()
         raise ApiError(404, "not_found", f"adapter {adapter!r} is not registered")
     try:
         return service.engine.submit(prompt_ids, adapter, params, loop=asyncio.get_running_loop())
-    except UnknownAdapterError as exc:
+    except UnknownAdapterError as exc:  # deleted between the registry check and the engine's
+        service.metrics.observe_rejected_unknown()
         raise ApiError(404, "not_found", str(exc)) from None
     except RequestError as exc:
         service.metrics.observe_rejected(adapter)
@@ -44,6 +40,8 @@ def submit(service: Service, prompt_ids: Sequence[int], adapter: str | None, par
     except QueueFullError as exc:
         service.metrics.observe_rejected(adapter)
         raise ApiError(429, "queue_full", str(exc), {"Retry-After": RETRY_AFTER_SECONDS}) from None
+    except EngineStoppedError as exc:  # the engine loop died: this replica serves nothing until it is restarted
+        raise ApiError(503, "unavailable", str(exc)) from None
 
 
 def raise_if_failed(output: RequestOutput) -> None:
@@ -64,19 +62,26 @@ async def run_to_completion(handle: RequestHandle, request: Request) -> RequestR
     async def gather() -> list[RequestOutput]:
         return [output async for output in handle]
 
-    collecting = asyncio.ensure_future(gather())
-    watching = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({collecting, watching}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watching.cancel()
-    if not collecting.done():
-        handle.cancel()
-        collecting.cancel()
-        raise ClientDisconnected
-    outputs = collecting.result()
+    outputs = await _unless_disconnected(gather(), handle, request)
     raise_if_failed(outputs[-1])
     return collect(outputs)
+
+
+async def _unless_disconnected(work: Awaitable[T], handle: RequestHandle, request: Request) -> T:
+    """``work``'s result, unless the client goes away first (or this handler is cancelled, e.g. at shutdown): then
+    the request is cancelled, so it leaves the queue or its row at the next step, and ClientDisconnected is raised."""
+    waiting = asyncio.ensure_future(work)
+    watching = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({waiting, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+        if not waiting.done():
+            handle.cancel()
+            waiting.cancel()
+    if waiting not in done:
+        raise ClientDisconnected
+    return waiting.result()
 
 
 async def _disconnected(request: Request) -> None:
@@ -87,11 +92,13 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-async def stream(handle: RequestHandle) -> AsyncIterator[RequestOutput]:
+async def stream(handle: RequestHandle, request: Request) -> AsyncIterator[RequestOutput]:
     """The handle's outputs, after waiting for the first one so a failure still answers with a status code
-    (503) instead of a broken stream."""
+    (503) instead of a broken stream. The wait can be long (the request may be queued behind a full batch) and no
+    response exists yet to notice a disconnect, so the client is watched here: one that goes away cancels the
+    request, which leaves the queue (or its row) at the next step instead of being prefilled for nobody."""
     outputs = aiter(handle)
-    first = await anext(outputs)
+    first = await _unless_disconnected(anext(outputs), handle, request)
     raise_if_failed(first)
 
     async def chained() -> AsyncIterator[RequestOutput]:

@@ -1,9 +1,12 @@
 """The subset of OpenAI's completions and chat completions bodies we serve. Unknown fields are ignored, like OpenAI's
 own servers do for fields they deprecate, so the official client's defaults never cause errors."""
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from server.api.schemas import StopString
+from server.engine.sampling import MAX_STOP_STRINGS
 
 
 class StreamOptions(BaseModel):
@@ -20,7 +23,7 @@ class _Request(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")
-    stop: str | list[str] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     stream: bool = False
     ignore_eos: bool = Field(False, description="extension (as in vLLM): keep generating past end-of-sequence tokens")

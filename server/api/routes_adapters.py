@@ -96,7 +96,8 @@ async def get_adapter(name: str, request: Request) -> AdapterInfo:
 
 @router.delete("/v1/adapters/{name}", status_code=204, responses=_ERRORS, dependencies=[Depends(require_admin)])
 async def delete_adapter(name: str, request: Request) -> Response:
-    """Remove an adapter. Requests already running with it finish; new ones get 404."""
+    """Remove an adapter. Requests already running with it finish; new ones get 404. A disk too full to write the
+    new index answers 507 with nothing changed (the adapter stays registered and intact)."""
     service: Service = request.app.state.service
     try:
         await run_in_threadpool(service.delete_adapter, name)

@@ -6,7 +6,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from server.api.auth import require_inference
-from server.api.generation import public_reason, run_to_completion, sampling_params, stream, submit, tokenize
+from server.api.generation import public_reason, run_to_completion, sampling_params, stream, submit
+from server.api.prompts import encode_prompt
 from server.api.schemas import ErrorResponse, GenerateRequest, GenerateResponse, StreamEvent, StreamToken, Usage
 from server.service import Service
 
@@ -37,7 +38,7 @@ async def generate(body: GenerateRequest, request: Request):
         stop=tuple(body.stop),
         ignore_eos=body.ignore_eos,
     )
-    handle = submit(service, tokenize(service, body.prompt), body.adapter, params)
+    handle = submit(service, await encode_prompt(service, body.prompt), body.adapter, params)
     if not body.stream:
         result = await run_to_completion(handle, request)
         return GenerateResponse(
@@ -47,7 +48,7 @@ async def generate(body: GenerateRequest, request: Request):
             finish_reason=public_reason(result.finish_reason),
             usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens),
         )
-    outputs = await stream(handle)
+    outputs = await stream(handle, request)
 
     async def events() -> AsyncIterator[str]:
         async for out in outputs:

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from server.api.auth import require_inference
 from server.api.errors import ApiError
-from server.api.generation import run_to_completion, sampling_params, stream, submit, tokenize
+from server.api.generation import run_to_completion, sampling_params, stream, submit
 from server.api.openai_schemas import (
     ChatChoice,
     ChatChoiceMessage,
@@ -27,6 +27,7 @@ from server.api.openai_schemas import (
     ModelCard,
     ModelList,
 )
+from server.api.prompts import encode_chat, encode_prompt
 from server.api.schemas import ErrorBody, ErrorResponse
 from server.engine.handle import RequestHandle, RequestOutput, RequestResult
 from server.engine.request import FinishReason
@@ -102,7 +103,7 @@ async def completions(body: CompletionRequest, request: Request):
         prompt = body.single_prompt()
     except ValueError as exc:
         raise ApiError(422, "invalid_request", str(exc)) from None
-    handle = _start(service, body, tokenize(service, prompt))
+    handle = _start(service, body, await encode_prompt(service, prompt))
     created, cid = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
     prefix = prompt if body.echo else ""
     if not body.stream:
@@ -110,7 +111,7 @@ async def completions(body: CompletionRequest, request: Request):
         usage = _usage(result)
         choice = CompletionChoice(text=prefix + result.text, finish_reason=_reason(result.finish_reason))  # type: ignore[arg-type]
         return CompletionResponse(id=cid, created=created, model=body.model, choices=[choice], usage=usage)
-    outputs = await stream(handle)
+    outputs = await stream(handle, request)
 
     async def events() -> AsyncIterator[str]:
         if prefix:
@@ -133,11 +134,7 @@ async def completions(body: CompletionRequest, request: Request):
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     service: Service = request.app.state.service
-    if not service.tokenizer.chat_template:
-        raise ApiError(400, "invalid_request", "the base model's tokenizer has no chat template")
-    messages = [m.model_dump() for m in body.messages]
-    text = service.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    prompt_ids = list(service.tokenizer(text, add_special_tokens=False)["input_ids"])
+    prompt_ids = await encode_chat(service, [m.model_dump() for m in body.messages])
     handle = _start(service, body, prompt_ids)
     created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
     if not body.stream:
@@ -145,7 +142,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         usage = _usage(result)
         choice = ChatChoice(message=ChatChoiceMessage(content=result.text), finish_reason=_reason(result.finish_reason))  # type: ignore[arg-type]
         return ChatCompletionResponse(id=cid, created=created, model=body.model, choices=[choice], usage=usage)
-    outputs = await stream(handle)
+    outputs = await stream(handle, request)
 
     def chunk(delta: ChatDelta, reason: str | None = None) -> str:
         choice = ChatChunkChoice(delta=delta, finish_reason=reason)  # type: ignore[arg-type]

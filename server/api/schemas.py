@@ -1,12 +1,16 @@
 """Request and response bodies of our own API. Every limit a client can hit is declared here, so FastAPI answers 422."""
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from server.engine.sampling import MAX_STOP_LENGTH, MAX_STOP_STRINGS
 
 FinishReasonName = Literal["length", "stop", "eos"]
 # A stream has already answered 200 when something goes wrong, so its last event says so.
 StreamFinishReason = Literal["length", "stop", "eos", "timeout", "error"]
+# Both APIs' stop strings: at most MAX_STOP_STRINGS of at most MAX_STOP_LENGTH characters (see engine.sampling).
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]
 
 
 class GenerateRequest(BaseModel):
@@ -19,7 +23,7 @@ class GenerateRequest(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, le=1_000_000, description="0 = off")
     seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: list[str] = Field(default_factory=list, max_length=4)
+    stop: list[StopString] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
     ignore_eos: bool = False
     stream: bool = False
 

@@ -68,36 +68,60 @@ class IncrementalDetokenizer:
 
 
 class StopChecker:
-    """Finds stop strings in the generated text, possibly spanning tokens.
+    """Finds stop strings in generated text fed in deltas, possibly spanning tokens, in time linear in the text.
 
-    ``check(text)`` returns where the earliest stop string starts in ``text`` (the full generated text so far), or
-    None; ``holdback(text)`` is how many trailing characters must not be streamed yet because they could be the start
-    of a stop string. Streaming ``text[: len(text) - holdback(text)]`` after a negative ``check`` never lets out any
-    part of a stop string, so the streamed text always equals the final text ``text[:stop_index]``.
+    One Knuth-Morris-Pratt matcher per stop string keeps, across calls, the length of the longest suffix of the text
+    fed so far that is a prefix of that stop string. ``feed(delta)`` advances them over the new characters only (so a
+    token costs O(len(delta)) per stop string, amortised, however long the text or the stop strings) and returns
+    where the earliest stop string found starts; ``holdback`` is how many trailing characters must not be streamed
+    yet because they could be the start of a stop string. Streaming all but the holdback after a negative ``feed``
+    never lets out any part of a stop string, so the streamed text always equals the final text ``text[:index]``.
+    Once ``feed`` found a stop string the request ends: the checker is not fed again.
     """
 
     def __init__(self, stops: Sequence[str]) -> None:
         if any(not s for s in stops):
             raise ValueError("stop strings must be non-empty")
         self.stops = tuple(stops)
-        self.max_len = max((len(s) for s in self.stops), default=0)
+        self._fallback = [_prefix_function(s) for s in self.stops]
+        self._matched = [0] * len(self.stops)  # per stop: longest suffix of the text that is a proper prefix of it
+        self._fed = 0  # characters fed so far
 
-    def check(self, text: str, start: int = 0) -> int | None:
-        """Index in ``text`` of the earliest stop string occurrence starting at or after ``start``, or None.
-
-        Callers that checked the previous text already can pass ``start = len(previous) - max_len + 1`` so each step
-        only scans the new tail (an occurrence must end in the new characters).
-        """
-        start = max(start, 0)
-        found = [i for i in (text.find(s, start) for s in self.stops) if i >= 0]
-        return min(found) if found else None
-
-    def holdback(self, text: str) -> int:
-        """Length of the longest suffix of ``text`` that is a proper prefix of some stop string (0 if none)."""
-        best = 0
-        for stop in self.stops:
-            for n in range(min(len(stop) - 1, len(text)), best, -1):
-                if text.endswith(stop[:n]):
-                    best = n
+    def feed(self, delta: str) -> int | None:
+        """Append ``delta`` to the text; return the index in the whole text where the earliest stop string that now
+        occurs starts, or None. (Earlier text had none, so every occurrence ends inside ``delta``.)"""
+        found: int | None = None
+        for i, stop in enumerate(self.stops):
+            k, fallback = self._matched[i], self._fallback[i]
+            for j, char in enumerate(delta):
+                while k and stop[k] != char:
+                    k = fallback[k - 1]
+                if stop[k] == char:
+                    k += 1
+                if k == len(stop):
+                    start = self._fed + j + 1 - k  # this stop's first occurrence: no later one starts earlier
+                    found = start if found is None else min(found, start)
+                    k = fallback[k - 1]
                     break
-        return best
+            self._matched[i] = k
+        self._fed += len(delta)
+        return found
+
+    @property
+    def holdback(self) -> int:
+        """Length of the longest suffix of the text fed so far that is a proper prefix of some stop string."""
+        return max(self._matched, default=0)
+
+
+def _prefix_function(pattern: str) -> list[int]:
+    """KMP failure function: ``[i]`` = length of the longest proper prefix of ``pattern[: i + 1]`` that is also its
+    suffix. O(len(pattern))."""
+    table = [0] * len(pattern)
+    k = 0
+    for i in range(1, len(pattern)):
+        while k and pattern[i] != pattern[k]:
+            k = table[k - 1]
+        if pattern[i] == pattern[k]:
+            k += 1
+        table[i] = k
+    return table

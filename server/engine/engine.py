@@ -3,6 +3,11 @@
 ``step()`` reads like a table of contents: take new requests, schedule, make adapters resident (inside the
 scheduler's admission), run the model once over the flattened batch, sample, and post-process (detokenize, stop,
 stream, free finished rows).
+
+Failures, from the smallest blast radius: a model or sampling error fails that step's batch; any other exception in
+a step fails every request in flight and the loop goes on; ``MAX_FAILED_STEPS`` failing steps in a row, or an
+exception while failing them, stop the engine for good (the watchdog in ``_run``): every request still held gets an
+error, ``running`` turns false (``/ready`` answers 503) and ``submit`` raises ``EngineStoppedError``.
 """
 
 import asyncio
@@ -21,7 +26,7 @@ from transformers import PreTrainedTokenizerBase
 from server.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from server.engine.handle import RequestHandle, RequestOutput
 from server.engine.model_runner import AcceleratorOutOfMemory, ModelRunner, SequenceChunk
-from server.engine.request import FinishReason, Sequence
+from server.engine.request import FinishReason, Sequence, Status
 from server.engine.sampling import INVALID_TOKEN, RowSampler, SamplingParams, sample
 from server.engine.scheduler import Scheduler
 from server.engine.stats import FinishedRecord, finished_record
@@ -30,6 +35,8 @@ from server.lora.slot_cache import SlotCache
 from server.model.lora_model import LoraModel
 
 log = logging.getLogger(__name__)
+
+MAX_FAILED_STEPS = 3  # steps in a row failing outside the model: the engine itself is broken, not one batch
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,10 @@ class QueueFullError(RuntimeError):
     """The waiting queue is at its bound; the client should retry later."""
 
 
+class EngineStoppedError(RuntimeError):
+    """The engine loop died after an internal error: this replica serves nothing more (the API answers 503)."""
+
+
 @dataclass(eq=False)
 class _Live:
     """Per-request post-processing state, owned by the engine thread."""
@@ -68,6 +79,7 @@ class _Live:
     detokenizer: IncrementalDetokenizer
     stop: StopChecker
     emitted: int = 0  # characters of text already streamed
+    unsent: str = ""  # generated text not streamed yet: a possible start of a stop string (< the longest stop)
 
 
 class Engine:
@@ -84,7 +96,11 @@ class Engine:
         self.adapter_path = adapter_path
         max_tokens = max(config.max_tokens_per_step, config.max_batch_size)
         self.runner = ModelRunner(model, config.max_batch_size, config.max_seq_len, max_tokens)
-        self.prefetcher: AdapterPrefetcher = AdapterPrefetcher(lambda name: model.read_adapter(adapter_path(name)))
+        # Prefetched reads are host copies besides the CPU tier: --cpu-slots bounds both (one read at least, so a
+        # waiting adapter can always be read when the CPU tier is off).
+        self.prefetcher: AdapterPrefetcher = AdapterPrefetcher(
+            lambda name: model.read_adapter(adapter_path(name)), capacity=max(1, config.cpu_slots)
+        )
         self.slot_cache: SlotCache = SlotCache(model.num_slots, config.cpu_slots, self.prefetcher, model)
         self.scheduler = Scheduler(
             config.max_batch_size,
@@ -103,6 +119,7 @@ class Engine:
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._dead: str | None = None  # why the loop died; set once, under _wake
         self._ids = itertools.count()
 
     # ---- submission (any thread) -------------------------------------------------------------------------------
@@ -154,6 +171,8 @@ class Engine:
             StopChecker(params.stop),
         )
         with self._wake:
+            if self._dead is not None:
+                raise EngineStoppedError(self._dead)
             if len(self._inbox) + self.scheduler.num_waiting >= config.max_queue:
                 raise QueueFullError(f"the queue holds {config.max_queue} waiting requests; retry later")
             self._inbox.append(live)
@@ -229,43 +248,43 @@ class Engine:
         if not seq.output_ids:
             seq.first_token_at = now
         seq.output_ids.append(token)
-        live.detokenizer.add(token)
-        text = live.detokenizer.text
+        # Only the new delta and the held-back tail are looked at: the cost of a token does not grow with the text.
+        delta = live.detokenizer.add(token)
+        live.unsent += delta
         reason: FinishReason | None = None
-        stop_at = live.stop.check(text, live.emitted - live.stop.max_len + 1) if live.stop.stops else None
+        stop_at = live.stop.feed(delta)  # index in the whole text; never before what was streamed (held back)
         if stop_at is not None:
-            reason, text = FinishReason.STOP, text[:stop_at]
+            reason = FinishReason.STOP
         elif token in self.eos_ids and not seq.params.ignore_eos:
             reason = FinishReason.EOS
         elif len(seq.output_ids) >= seq.params.max_new_tokens:
             reason = FinishReason.LENGTH
         if reason is None:
-            safe = len(text) - live.stop.holdback(text)
-            delta, live.emitted = text[live.emitted : safe], max(live.emitted, safe)
-            live.handle._push(RequestOutput(seq.request_id, (token,), delta))
+            safe = len(live.unsent) - live.stop.holdback
+            out, live.unsent = live.unsent[:safe], live.unsent[safe:]
+            live.emitted += safe
+            live.handle._push(RequestOutput(seq.request_id, (token,), out))
             return
-        if reason is not FinishReason.STOP:
-            live.detokenizer.flush()
-            text = live.detokenizer.text
-        self._finish(live, reason, last_token=token, final_text=text)
+        if stop_at is not None:
+            rest = live.unsent[: stop_at - live.emitted]
+        else:
+            rest = live.unsent + live.detokenizer.flush()
+        self._finish(live, reason, last_token=token, rest=rest)
 
     def _finish(
         self,
         live: _Live,
         reason: FinishReason,
         last_token: int | None = None,
-        final_text: str | None = None,
+        rest: str | None = None,
         error: str | None = None,
     ) -> None:
+        """End ``live``: free its row and pin, stream ``rest`` (default: the held-back text) and the final event."""
         seq = live.seq
         self.scheduler.finish(seq, reason, error)
-        text = final_text if final_text is not None else live.detokenizer.text
-        delta = text[live.emitted :] if len(text) > live.emitted else ""
-        live.emitted = len(text)
-        self._live.pop(seq.request_id, None)
-        record = finished_record(seq)
-        for observe in self.on_finish:
-            observe(record)
+        delta = rest if rest is not None else live.unsent
+        live.emitted, live.unsent = live.emitted + len(delta), ""
+        # The client hears first: an observer that fails must not leave this request without its final event.
         live.handle._push(
             RequestOutput(
                 seq.request_id,
@@ -278,6 +297,10 @@ class Engine:
                 error=error,
             )
         )
+        self._live.pop(seq.request_id, None)
+        record = finished_record(seq)
+        for observe in self.on_finish:
+            observe(record)
 
     def _finish_aborted(self, seq: Sequence) -> None:
         live = self._live.get(seq.request_id)
@@ -304,9 +327,24 @@ class Engine:
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        """The loop is serving: started, alive and not stopped by the watchdog."""
+        return self._thread is not None and self._thread.is_alive() and self._dead is None
+
+    @property
+    def stopped_reason(self) -> str | None:
+        """Why the watchdog stopped the engine, or None while it has not."""
+        return self._dead
 
     def _run(self) -> None:
+        """The loop, under the watchdog: whatever ends it other than ``shutdown``, nobody is left waiting."""
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - the last line of defence of every waiting client
+            log.critical("the engine loop died; failing every request and refusing new ones", exc_info=True)
+            self._stop_for_good(f"the engine stopped after an internal error ({type(exc).__name__}: {exc})")
+
+    def _loop(self) -> None:
+        failed_steps = 0
         while True:
             with self._wake:
                 while not self._stopping and not self._inbox and not self.scheduler.has_work():
@@ -315,19 +353,44 @@ class Engine:
                     return
             try:
                 idle = self.step() == 0
-            except Exception as exc:  # noqa: BLE001 - the loop must survive; the requests in flight cannot
+                failed_steps = 0
+            except Exception as exc:  # noqa: BLE001 - the loop survives one failure; the requests in flight cannot
+                failed_steps += 1
+                if failed_steps >= MAX_FAILED_STEPS:
+                    raise  # the same failure again and again: the engine is broken, let the watchdog stop it
                 log.exception("engine step failed")
                 self._fail_all(f"engine error: {exc}")
                 continue
             if idle and self.scheduler.has_work():
                 time.sleep(0.001)  # everything waits on an adapter read: do not spin
 
+    def _stop_for_good(self, error: str) -> None:
+        """Refuse new requests, then give every request still held its final event, an error (the API's 503).
+
+        Touches no scheduler or detokenizer state: whatever failed may be broken."""
+        with self._wake:
+            self._dead = error
+            held, self._inbox = [*self._inbox, *self._live.values()], []
+        self._live = {}
+        for live in held:
+            seq = live.seq
+            seq.status, seq.finish_reason, seq.error = Status.FINISHED, FinishReason.ERROR, error
+            try:
+                live.handle._push(RequestOutput(seq.request_id, (), "", finished=True,
+                                                finish_reason=FinishReason.ERROR, prompt_tokens=len(seq.prompt_ids),
+                                                completion_tokens=len(seq.output_ids), error=error))  # fmt: skip
+            except Exception:  # noqa: BLE001 - one broken handle must not keep the others waiting
+                log.exception("could not fail request %s", seq.request_id)
+
     def _fail_all(self, error: str) -> None:
         """Finish every request the engine holds with an error (after an unexpected failure in a step)."""
         self._take_inbox()
-        for live in list(self._live.values()):
-            if live.seq.finish_reason is None:
+        for live in list(self._live.values()):  # every request here still waits for its final event
+            seq = live.seq
+            if seq.finish_reason is None:
                 self._finish(live, FinishReason.ERROR, error=error)
+            else:  # the scheduler had finished it (cancelled, timed out) but the failure came before it was told
+                self._finish(live, seq.finish_reason, error=seq.error)
 
 
 def _eos_ids(model: LoraModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:

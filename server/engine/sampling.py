@@ -12,7 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
+# OpenAI's limits on stop strings: at most 4. Their length is ours: stop strings in use are role markers and
+# delimiters ("<|im_end|>", "\nUser:"), far below 256 characters; the cap bounds what a stream may hold back and the
+# per-request matcher tables built on the submitting thread.
 MAX_STOP_STRINGS = 4
+MAX_STOP_LENGTH = 256  # characters
 _SEED_LIMIT = 2**63
 
 
@@ -25,10 +29,12 @@ class SamplingParams:
     top_p: float = 1.0  # (0, 1]; 1 = off
     top_k: int = 0  # 0 = off
     seed: int | None = None  # None = a fresh random seed per request
-    stop: tuple[str, ...] = ()  # at most MAX_STOP_STRINGS non-empty strings
+    stop: tuple[str, ...] = ()  # at most MAX_STOP_STRINGS non-empty strings of at most MAX_STOP_LENGTH characters
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.stop, str):  # tuple("abc") would silently become three one-character stops
+            raise ValueError("stop must be a sequence of strings, not one string")
         # A list is a natural thing to pass; store a tuple so the params stay hashable and immutable.
         object.__setattr__(self, "stop", tuple(self.stop))
         if self.max_new_tokens < 1:
@@ -45,6 +51,9 @@ class SamplingParams:
             raise ValueError(f"stop accepts at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop strings must be non-empty strings")
+        longest = max((len(s) for s in self.stop), default=0)
+        if longest > MAX_STOP_LENGTH:
+            raise ValueError(f"stop strings may have at most {MAX_STOP_LENGTH} characters, got one of {longest}")
 
     @property
     def greedy(self) -> bool:

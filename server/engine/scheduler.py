@@ -9,10 +9,14 @@ oldest one whose adapter is already running (or that needs no adapter) goes firs
 weights to a step's reads; otherwise the oldest waiting sequence goes next. Without affinity it is arrival order.
 Either way, when the oldest waiting sequence has been passed over for ``starvation_steps`` steps, nothing else is
 admitted until it is, whatever the adapter popularity.
+
+Adapter reads: the prefetcher holds a bounded number of reads; the oldest waiting sequence may make room in it, and
+a read is forgotten as soon as the last waiting sequence for its adapter leaves the queue (admitted, finished,
+cancelled, timed out), so cancelled requests leave no host copies behind.
 """
 
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -66,6 +70,8 @@ class Scheduler:
         self._free_rows = list(range(max_rows - 1, -1, -1))  # pop() hands out the lowest row first
         self._head: Sequence | None = None
         self._head_passed_over = 0
+        self._waiting_for: Counter[str] = Counter()  # adapter -> waiting sequences that use it
+        self._prefetched: set[str] = set()  # adapters whose read this scheduler asked the prefetcher for
 
     @property
     def num_waiting(self) -> int:
@@ -80,6 +86,8 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+        if seq.adapter is not None:
+            self._waiting_for[seq.adapter] += 1
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -99,11 +107,24 @@ class Scheduler:
             self.running.remove(seq)
             self._release(seq)
         elif seq.status is Status.WAITING and seq in self.waiting:
-            self.waiting.remove(seq)
+            self._leave_queue(seq)
         seq.status = Status.FINISHED
         seq.finish_reason = reason
         seq.error = error
         seq.finished_at = self.clock()
+
+    def _leave_queue(self, seq: Sequence) -> None:
+        """Take ``seq`` out of the waiting queue; the last one waiting for an adapter drops its pending read."""
+        self.waiting.remove(seq)
+        name = seq.adapter
+        if name is None:
+            return
+        self._waiting_for[name] -= 1
+        if self._waiting_for[name] <= 0:
+            del self._waiting_for[name]
+            if name in self._prefetched:
+                self._prefetched.discard(name)
+                self.prefetcher.forget(name)
 
     def _release(self, seq: Sequence) -> None:
         assert seq.row is not None
@@ -138,10 +159,10 @@ class Scheduler:
             nonlocal budget
             if seq.status is not Status.WAITING or not self._free_rows or budget <= 0:
                 return False
-            slot = self._adapter_slot(seq, out)
+            slot = self._adapter_slot(seq, out, urgent=seq is head)
             if slot is None:
                 return False
-            self.waiting.remove(seq)
+            self._leave_queue(seq)
             seq.row = self._free_rows.pop()
             seq.slot = slot
             seq.status = Status.RUNNING
@@ -169,8 +190,10 @@ class Scheduler:
         if self.waiting and self.waiting[0] is head:
             self._head_passed_over += 1
 
-    def _adapter_slot(self, seq: Sequence, out: SchedulerOutput) -> int | None:
-        """The slot ``seq`` runs in, pinned; None when it must wait (adapter loading or every slot pinned)."""
+    def _adapter_slot(self, seq: Sequence, out: SchedulerOutput, urgent: bool) -> int | None:
+        """The slot ``seq`` runs in, pinned; None when it must wait (adapter loading or every slot pinned).
+
+        ``urgent``: ``seq`` is the oldest waiting sequence, whose read may displace a finished one (see prefetch)."""
         name = seq.adapter
         if name is None:
             return BASE_SLOT
@@ -180,7 +203,8 @@ class Scheduler:
                 self._fail(seq, self.prefetcher.error(name), out)
                 return None
             if state != "ready":
-                self.prefetcher.request(name)
+                if self.prefetcher.request(name, urgent=urgent):
+                    self._prefetched.add(name)
                 return None
         try:
             return self.slots.acquire(name)

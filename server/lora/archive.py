@@ -1,7 +1,8 @@
 """Safe intake of uploaded adapter bytes: size-capped stream copies and extraction of .zip / .tar.gz archives.
 
 Nothing here trusts the upload: sizes are counted on the bytes actually read or written (never taken from headers),
-archive member names are checked but never used as paths on disk, and only the files of a PEFT save are kept.
+archive member names are checked (and bounded) but never used as paths on disk, and only the files of a PEFT save are
+kept. Before zipfile or tarfile parse anything, ``archive_headers`` checks the headers they would choke on.
 Registry-free and torch-free; the registry turns ``TooLarge`` into HTTP 413 and ``UnsafeArchive`` into HTTP 400.
 """
 
@@ -17,7 +18,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, BinaryIO, Protocol, cast
+from typing import IO, BinaryIO, cast
+
+from server.lora.archive_headers import Readable, TarHeaderGuard, UnsafeArchive, check_zip_directory
+from server.lora.config_json import MAX_CONFIG_BYTES
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -28,18 +32,14 @@ CHUNK = 1 << 20
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 _GZIP_MAGIC = b"\x1f\x8b"
 _DRIVE = re.compile(r"^[A-Za-z]:")
-
-
-class Readable(Protocol):
-    def read(self, size: int = -1, /) -> bytes: ...
+# A file name part has at most 255 bytes (NAME_MAX) on common file systems, so a longer member was not packed from a
+# real folder; 1,024 bytes bounds a whole name far above any PEFT save's and below PATH_MAX (4,096).
+MAX_MEMBER_NAME_BYTES = 1024
+MAX_NAME_PART_BYTES = 255
 
 
 class TooLarge(ValueError):
     """More bytes arrived than a limit allows."""
-
-
-class UnsafeArchive(ValueError):
-    """The archive is not one we extract: not a zip/tar.gz, unsafe members, a decompression bomb, no adapter inside."""
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class UploadLimits:
     """Caps on what one upload may bring in; every one is enforced on bytes actually read, not on declared sizes."""
 
     max_file_bytes: int = 512 * 2**20  # one file (weights or a pickle the validator will refuse)
-    max_config_bytes: int = 1 * 2**20  # adapter_config.json (and README.md)
+    max_config_bytes: int = MAX_CONFIG_BYTES  # adapter_config.json (and README.md)
     max_archive_members: int = 64
     max_unpacked_bytes: int = 1 * 2**30
 
@@ -125,6 +125,7 @@ class _Extractor:
         self.files: dict[tuple[str, str], Path] = {}
 
     def from_zip(self, path: Path) -> None:
+        check_zip_directory(path, self.limits.max_archive_members)  # before zipfile reads the whole directory
         with zipfile.ZipFile(path) as zf:
             infos = zf.infolist()
             self._count(len(infos))
@@ -149,7 +150,8 @@ class _Extractor:
         # decompressed stream is capped, not only the files written (plus room for the 512-byte headers).
         cap = self.limits.max_unpacked_bytes + 2048 * (self.limits.max_archive_members + 1) + 20480
         with gzip.open(path, "rb") as gz:
-            stream = cast(IO[bytes], _CappedReader(gz, cap))  # tarfile in "r|" mode only calls read()
+            # tarfile in "r|" mode only calls read(); the guard checks each header block before tarfile gets it
+            stream = cast(IO[bytes], TarHeaderGuard(_CappedReader(gz, cap)))
             with tarfile.open(fileobj=stream, mode="r|") as tf:
                 self._tar_members(tf)
 
@@ -191,6 +193,7 @@ class _Extractor:
         if "\x00" in name:
             raise UnsafeArchive(f"member {_show(name)} has a NUL byte in its name")
         unified = name.replace("\\", "/")
+        _check_name_length(name, unified)
         if unified.startswith("/") or _DRIVE.match(unified):
             raise UnsafeArchive(f"member {_show(name)} has an absolute path")
         parts = [p for p in unified.split("/") if p not in ("", ".")]
@@ -215,6 +218,16 @@ class _Extractor:
             if file_limit <= left:
                 raise
             raise UnsafeArchive(f"the archive unpacks to more than {_size(self.limits.max_unpacked_bytes)}") from None
+
+
+def _check_name_length(name: str, unified: str) -> None:
+    size = len(name.encode("utf-8", "surrogatepass"))
+    longest = max(len(part.encode("utf-8", "surrogatepass")) for part in unified.split("/"))
+    if size > MAX_MEMBER_NAME_BYTES or longest > MAX_NAME_PART_BYTES:
+        raise UnsafeArchive(
+            f"member {_show(name)} has a name of {size} bytes or a part of {longest}; at most "
+            f"{MAX_MEMBER_NAME_BYTES} and {MAX_NAME_PART_BYTES} bytes are accepted"
+        )
 
 
 class _CappedReader:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from server.lora.config_json import MAX_CONFIG_BYTES
 from server.lora.errors import AdapterFormatError, AdapterMismatchError
 from server.lora.peft_config import LoraSpec, parse_lora_config
 
@@ -89,7 +90,8 @@ def read_adapter(
         raise AdapterFormatError(f"{CONFIG_FILE} is missing")
     if not weights_path.is_file():
         raise AdapterFormatError(f"{WEIGHTS_FILE} is missing")
-    spec = parse_lora_config(config_path.read_bytes())
+    with config_path.open("rb") as f:  # one byte over the cap is enough for parse_lora_config to refuse it
+        spec = parse_lora_config(f.read(MAX_CONFIG_BYTES + 1))
     if spec.max_rank > max_rank:
         raise AdapterMismatchError(f"adapter rank {spec.max_rank} is above this server's maximum rank {max_rank}")
     targets = _resolve_targets(spec, modules)
@@ -114,7 +116,9 @@ def read_adapter(
 def _resolve_targets(spec: LoraSpec, modules: TargetableModules) -> list[str]:
     targets = spec.targets(modules.module_names, modules.linear_names)
     if not targets:
-        raise AdapterMismatchError(f"target_modules {spec.target_modules!r} match no module of the base model")
+        shown = repr(spec.target_modules)
+        shown = shown if len(shown) <= 200 else shown[:200] + "..."
+        raise AdapterMismatchError(f"target_modules {shown} match no module of the base model")
     unserved = [name for name in targets if name not in modules.shapes]
     if unserved:
         served = sorted({name.rsplit(".", 1)[-1] for name in modules.shapes})

@@ -3,15 +3,17 @@ at what rank and scale.
 
 Torch-free bookkeeping. Target matching mirrors ``peft.tuners.tuners_utils.check_target_module_exists`` and rank/alpha
 lookup mirrors ``peft.utils.other.get_pattern_key``; tests/test_peft_config.py checks both against the installed peft.
+Uploaded regexes are matched with RE2 in linear time (``module_patterns``) and the JSON is parsed within bounds
+(``config_json``), so no config can stall the process or escape as anything but an AdapterError (HTTP 422).
 Keys this module does not know (``revision``, ``megatron_config``, ... from any peft version) are ignored.
 """
 
-import json
 import math
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from server.lora import module_patterns as mp
+from server.lora.config_json import load_config_json
 from server.lora.errors import AdapterFormatError, UnsupportedAdapterError
 
 ALL_LINEAR = "all-linear"
@@ -65,6 +67,9 @@ class LoraSpec:
     rank_pattern / alpha_pattern: regex key -> r / alpha (treat as read-only); the first key in file order that
         matches wins, and peft saves with sort_keys=True, so that is alphabetical order, as peft itself loads it
     layers_to_transform / layers_pattern: layer-index filter for list targets; None means no filter
+
+    Construction compiles every regex (``module_patterns``) and raises AdapterFormatError or
+    UnsupportedAdapterError, naming the field, for one that is too long or cannot be matched in linear time.
     """
 
     r: int
@@ -77,6 +82,20 @@ class LoraSpec:
     layers_pattern: tuple[str, ...] | None = None
     exclude_modules: tuple[str, ...] | str | None = None
     base_model_name_or_path: str | None = None
+    _matchers: mp.ModuleMatchers = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        tm = self.target_modules
+        matchers = mp.ModuleMatchers.compile(
+            target_regex=tm if isinstance(tm, str) and tm != ALL_LINEAR else None,
+            target_names=() if isinstance(tm, str) else tm,
+            exclude=self.exclude_modules,
+            layers_pattern=self.layers_pattern,
+            layers_to_transform=self.layers_to_transform,
+            rank_keys=self.rank_pattern,
+            alpha_keys=self.alpha_pattern,
+        )
+        object.__setattr__(self, "_matchers", matchers)
 
     def targets(self, module_names: Iterable[str], linear_names: Iterable[str] | None = None) -> list[str]:
         """The names among ``module_names`` this adapter adapts, in their order, with peft's semantics.
@@ -96,58 +115,38 @@ class LoraSpec:
 
     def rank_for(self, module_name: str) -> int:
         """r for ``module_name``: the first rank_pattern key matching the end of the name, else ``r``."""
-        return self.rank_pattern.get(_pattern_key(self.rank_pattern, module_name), self.r)
+        return self._rank_and_alpha(module_name)[0]
 
     def alpha_for(self, module_name: str) -> float:
         """lora_alpha for ``module_name``: the first alpha_pattern key matching the end of the name, else lora_alpha."""
-        return self.alpha_pattern.get(_pattern_key(self.alpha_pattern, module_name), self.lora_alpha)
+        return self._rank_and_alpha(module_name)[1]
 
     def scale_for(self, module_name: str) -> float:
         """The factor on B @ A for ``module_name``: alpha / r, or alpha / sqrt(r) with rsLoRA."""
-        r = self.rank_for(module_name)
-        return self.alpha_for(module_name) / (math.sqrt(r) if self.use_rslora else r)
+        r, alpha = self._rank_and_alpha(module_name)
+        return alpha / (math.sqrt(r) if self.use_rslora else r)
 
     @property
     def max_rank(self) -> int:
         """The largest rank of any module: what a slot must hold."""
         return max([self.r, *self.rank_pattern.values()])
 
+    def _rank_and_alpha(self, name: str) -> tuple[int, float]:
+        # Remembered per name: each key costs one match, and the reader asks for the rank and scale of every target.
+        found = self._matchers.found.get(name)
+        if found is None:
+            # peft's get_pattern_key falls back to the name itself as the key when no pattern matches
+            rank_key = self._matchers.first_rank_key(name) or name
+            alpha_key = self._matchers.first_alpha_key(name) or name
+            found = (self.rank_pattern.get(rank_key, self.r), self.alpha_pattern.get(alpha_key, self.lora_alpha))
+            self._matchers.found[name] = found
+        return found
+
     def _excluded(self, name: str) -> bool:
-        ex = self.exclude_modules
-        if ex is None:
-            return False
-        if isinstance(ex, str):
-            return re.fullmatch(ex, name) is not None
-        return name in ex or any(name.endswith("." + e) for e in ex)
+        return self._matchers.excluded(name)
 
     def _targeted(self, name: str) -> bool:
-        tm = self.target_modules
-        if isinstance(tm, str):
-            return re.fullmatch(tm, name) is not None
-        if name in tm:
-            return True
-        if not any(name.endswith("." + t) for t in tm):
-            return False
-        if self.layers_to_transform is None:
-            return True
-        index = self._layer_index(name)
-        return index is not None and index in self.layers_to_transform
-
-    def _layer_index(self, name: str) -> int | None:
-        # Lazy ".*?" takes the first numbered segment, the layer, not a nested one (an MoE expert index), as peft does.
-        if self.layers_pattern is None:
-            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
-        else:
-            for pattern in self.layers_pattern:
-                match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
-                if match is not None:
-                    break
-        return int(match["idx"]) if match is not None else None
-
-
-def _pattern_key(patterns: dict[str, object], name: str) -> str:
-    """peft's get_pattern_key: the first key that matches a dotted suffix of ``name``, else ``name`` itself."""
-    return next((k for k in patterns if re.match(rf"(.*\.)?({k})$", name)), name)
+        return self._matchers.targeted(name)
 
 
 def parse_lora_config(raw: bytes | str | dict[str, object]) -> LoraSpec:
@@ -159,21 +158,21 @@ def parse_lora_config(raw: bytes | str | dict[str, object]) -> LoraSpec:
     cfg = _load_object(raw)
     peft_type = cfg.get("peft_type")
     if peft_type != "LORA":
-        raise AdapterFormatError(f'peft_type={peft_type!r}: only LoRA adapters are served (peft_type "LORA")')
+        raise AdapterFormatError(f'peft_type={_show(peft_type)}: only LoRA adapters are served (peft_type "LORA")')
     for name, (default, served, accepted) in _SERVED_ONLY.items():
         value = cfg.get(name, default)
         if not served(value):
-            raise UnsupportedAdapterError(f"{name}={value!r} is not supported; accepted: {accepted}")
+            raise UnsupportedAdapterError(f"{name}={_show(value)} is not supported; accepted: {accepted}")
 
     r = cfg.get("r", 8)
     if not _is_int(r) or r <= 0:
-        raise AdapterFormatError(f"r={r!r}: the rank must be a positive integer")
+        raise AdapterFormatError(f"r={_show(r)}: the rank must be a positive integer")
     alpha = cfg.get("lora_alpha", 8)
     if not _is_finite(alpha):
-        raise AdapterFormatError(f"lora_alpha={alpha!r}: must be a finite number")
+        raise AdapterFormatError(f"lora_alpha={_show(alpha)}: must be a finite number")
     use_rslora = cfg.get("use_rslora", False)
     if not isinstance(use_rslora, bool):
-        raise AdapterFormatError(f"use_rslora={use_rslora!r}: must be true or false")
+        raise AdapterFormatError(f"use_rslora={_show(use_rslora)}: must be true or false")
     rank_pattern = _patterns(cfg, "rank_pattern", lambda v: _is_int(v) and v > 0, "positive integer ranks")
     alpha_pattern = _patterns(cfg, "alpha_pattern", _is_finite, "finite numbers")
 
@@ -191,14 +190,15 @@ def parse_lora_config(raw: bytes | str | dict[str, object]) -> LoraSpec:
     for key, value in (("layers_to_transform", layers), ("layers_pattern", layers_pattern)):
         if value is not None and isinstance(target_modules, str):
             raise AdapterFormatError(
-                f"{key}={cfg[key]!r} cannot be used with a string target_modules {target_modules!r}"
+                f"{key}={_show(cfg[key])} cannot be used with a string target_modules {_show(target_modules)}"
             )
     if layers_pattern is not None and layers is None:
-        raise AdapterFormatError(f"layers_pattern={cfg['layers_pattern']!r} needs layers_to_transform to be set too")
+        shown = _show(cfg["layers_pattern"])
+        raise AdapterFormatError(f"layers_pattern={shown} needs layers_to_transform to be set too")
 
     base = cfg.get("base_model_name_or_path")
     if base is not None and not isinstance(base, str):
-        raise AdapterFormatError(f"base_model_name_or_path={base!r}: must be a string or null")
+        raise AdapterFormatError(f"base_model_name_or_path={_show(base)}: must be a string or null")
     alpha_pattern = {k: float(v) for k, v in alpha_pattern.items()}
     return LoraSpec(
         r, float(alpha), use_rslora, target_modules, rank_pattern, alpha_pattern, layers, layers_pattern, exclude, base
@@ -206,12 +206,7 @@ def parse_lora_config(raw: bytes | str | dict[str, object]) -> LoraSpec:
 
 
 def _load_object(raw: bytes | str | dict[str, object]) -> dict[str, object]:
-    if isinstance(raw, dict):
-        return raw
-    try:
-        cfg = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterFormatError(f"adapter_config.json is not valid JSON: {exc}") from None
+    cfg = raw if isinstance(raw, dict) else load_config_json(raw)
     if not isinstance(cfg, dict):
         raise AdapterFormatError(f"adapter_config.json must hold a JSON object, got {type(cfg).__name__}")
     return cfg
@@ -222,25 +217,32 @@ def _is_int(value: object) -> bool:
 
 
 def _is_finite(value: object) -> bool:
-    # JSON allows NaN/Infinity as Python writes them; a non-finite alpha would poison every output.
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_regex(key: str, pattern: str, shown: object) -> None:
+    # JSON allows NaN/Infinity as Python writes them; a non-finite alpha would poison every output. An int too large
+    # for a float (only from a dict: the JSON reader bounds literals) is not finite as a scale either.
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
     try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise AdapterFormatError(f"{key}: {shown!r} is not a valid regular expression ({exc})") from None
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _show(value: object) -> str:
+    """``repr(value)`` cut to 120 characters: a refusal never echoes a megabyte back (nor fails on a huge int)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's 4,300-digit str limit (only from a dict: JSON literals are bounded)
+        return f"<a {type(value).__name__} too large to show>"
+    return text if len(text) <= 120 else text[:120] + "..."
 
 
 def _patterns(cfg: dict[str, object], key: str, valid: Callable[[object], bool], accepted: str) -> dict:
     patterns = cfg.get(key) or {}
     if not isinstance(patterns, dict):
-        raise AdapterFormatError(f"{key}={patterns!r}: must be an object mapping module regexes to values")
-    for pattern, value in patterns.items():
-        _check_regex(key, rf"(.*\.)?({pattern})$", pattern)
+        raise AdapterFormatError(f"{key}={_show(patterns)}: must be an object mapping module regexes to values")
+    for pattern, value in patterns.items():  # the keys are compiled (and refused) with the LoraSpec
         if not valid(value):
-            raise AdapterFormatError(f"{key}[{pattern!r}]={value!r}: values must be {accepted}")
+            raise AdapterFormatError(f"{key}[{_show(pattern)}]={_show(value)}: values must be {accepted}")
     return dict(patterns)
 
 
@@ -250,14 +252,11 @@ def _names(cfg: dict[str, object], key: str, *, ordered: bool = False) -> tuple[
     value = cfg.get(key)
     if value is None or value == "" or value == []:
         return None
-    if isinstance(value, str):
-        _check_regex(key, value, value)
+    if isinstance(value, str):  # a regex, compiled (and refused) with the LoraSpec
         return value
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise AdapterFormatError(f"{key}={value!r}: must be a regex string or a list of non-empty module names")
-    if ordered:  # layer patterns are regex fragments
-        for v in value:
-            _check_regex(key, v, v)
+        raise AdapterFormatError(f"{key}={_show(value)}: must be a regex string or a list of non-empty module names")
+    if ordered:  # layer patterns are regex fragments, compiled with the LoraSpec
         return tuple(value)
     return tuple(sorted(set(value)))
 
@@ -267,5 +266,6 @@ def _layers_to_transform(value: object) -> tuple[int, ...] | None:
         return None
     layers = [value] if _is_int(value) else value
     if not isinstance(layers, list) or not all(_is_int(i) and i >= 0 for i in layers):
-        raise AdapterFormatError(f"layers_to_transform={value!r}: must be a layer index or a list of layer indices")
+        shown = _show(value)
+        raise AdapterFormatError(f"layers_to_transform={shown}: must be a layer index or a list of layer indices")
     return tuple(layers)

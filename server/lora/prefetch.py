@@ -1,4 +1,10 @@
-"""Reading adapters from disk on a worker thread, so the engine's step loop never waits on a disk read."""
+"""Reading adapters from disk on a worker thread, so the engine's step loop never waits on a disk read.
+
+Every read held here is a second host copy of an adapter besides the slot cache's CPU tier, so the number held
+(pending or finished, not yet taken) is bounded by ``capacity``, and the scheduler ``forget``s a read as soon as no
+waiting request wants it any more: a pending read that is forgotten is cancelled when it has not started, and its
+result is dropped when it completes (nothing keeps a reference to it).
+"""
 
 import threading
 from collections.abc import Callable
@@ -11,23 +17,47 @@ PrefetchState = Literal["absent", "pending", "ready", "failed"]
 
 
 class AdapterPrefetcher(Generic[W]):
-    """Background reads of validated host copies, handed over once to the slot cache.
+    """Background reads of validated host copies, handed over once to the slot cache; at most ``capacity`` held.
 
     It is also the slot cache's ``AdapterSource``: ``read`` takes a finished prefetch, or reads synchronously when
     nothing was prefetched (tests and tools that do not care about the critical path).
     """
 
-    def __init__(self, read: Callable[[str], W], workers: int = 1) -> None:
+    def __init__(self, read: Callable[[str], W], capacity: int, workers: int = 1) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1 so that a waiting adapter can be read, got {capacity}")
         self._read = read
+        self._capacity = capacity
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapter-loader")
-        self._futures: dict[str, Future[W]] = {}
+        self._futures: dict[str, Future[W]] = {}  # insertion order: the oldest request first
         self._lock = threading.Lock()
 
-    def request(self, name: str) -> None:
-        """Start reading ``name`` unless a read is already pending or finished."""
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def __len__(self) -> int:
+        """Reads held: pending, finished or failed, not yet taken or forgotten."""
         with self._lock:
-            if name not in self._futures:
-                self._futures[name] = self._pool.submit(self._read, name)
+            return len(self._futures)
+
+    def request(self, name: str, urgent: bool = False) -> bool:
+        """Start reading ``name`` unless a read is already held; False when none is held and none was started.
+
+        At capacity nothing new starts, unless ``urgent`` (the oldest waiting request: it must never wait behind
+        reads for younger requests that cannot run before it): then the oldest finished read of another adapter is
+        dropped to make room (it is read again when its request comes up).
+        """
+        with self._lock:
+            if name in self._futures:
+                return True
+            if len(self._futures) >= self._capacity:
+                victim = next((n for n, f in self._futures.items() if f.done()), None) if urgent else None
+                if victim is None:
+                    return False
+                del self._futures[victim]
+            self._futures[name] = self._pool.submit(self._read, name)
+            return True
 
     def state(self, name: str) -> PrefetchState:
         with self._lock:
@@ -48,9 +78,11 @@ class AdapterPrefetcher(Generic[W]):
         return future.exception()
 
     def forget(self, name: str) -> None:
-        """Drop whatever is pending or held for ``name`` (the adapter was deleted or replaced)."""
+        """Drop whatever is pending or held for ``name`` (nobody waits for it, or the adapter was deleted)."""
         with self._lock:
-            self._futures.pop(name, None)
+            future = self._futures.pop(name, None)
+        if future is not None:
+            future.cancel()  # a read that has not started never runs; a running one is dropped when it completes
 
     def read(self, name: str) -> W:
         """A finished prefetch of ``name`` (consumed), else a synchronous read."""

@@ -1,21 +1,26 @@
 """The adapter registry: name -> ``AdapterRecord``, persisted under ``data_dir``; the source of truth of /v1/adapters.
 
-Layout::
+Layout (the folder is claimed first: ``data_dir.claim_data_dir`` refuses a non-empty folder that is not the server's)::
 
+    data_dir/.lora-server        {"format": "lora-server data directory", "version": 1}: the folder is the server's
     data_dir/index.json          {"version": 1, "adapters": {name: record}}: what is registered (the commit point)
     data_dir/adapters/<name>/    adapter_config.json, adapter_model.safetensors (and README.md when one came along)
     data_dir/staging/            uploads in progress and folders being deleted; emptied at startup
 
-Crash consistency: index.json only ever names complete, fsynced folders, and it is replaced atomically.
+Crash consistency: index.json is replaced atomically, and the server never leaves a folder in adapters/ that the
+index does not name, so startup never has to remove anything there: a folder it finds unindexed is not the server's
+(copied in by hand, or left by a version before the marker), and it is kept and reported, never deleted.
 
-* add:    stream into staging/<tmp>/adapter, fsync the files -> validate (outside the lock) -> under the lock: rename
-          the folder to adapters/<name>, fsync adapters/, replace index.json (temp file, fsync, os.replace, fsync
-          data_dir) -> return (the API answers 201). A crash before os.replace leaves a staging leftover or an
-          unindexed folder, both removed at startup; once this returns, the adapter survives any restart.
-* delete: under the lock: replace index.json without the name (the commit point), rename the folder into staging/,
-          then remove it. A crash leaves the old index with an intact folder, or an unindexed folder or staging
-          leftover that startup removes; never a registered, half-deleted folder.
-* startup: empty staging/, load index.json, drop entries whose folder is missing, remove folders not in the index.
+* add:    stream into staging/<tmp>/adapter, fsync the files -> validate (outside the lock) -> under the lock: replace
+          index.json with the name added (the commit point: temp file, fsync, os.replace, fsync data_dir), rename the
+          folder to adapters/<name>, fsync adapters/ -> return (the API answers 201). A crash before the rename
+          leaves an index entry without its folder, dropped at startup; once this returns, the adapter survives any
+          restart. A failed rename puts the old index back.
+* delete: under the lock: rename the folder into staging/, replace index.json without the name (the commit point),
+          then remove the folder. A failed index write (a full disk: StorageFull) renames the folder back, so nothing
+          changes; a crash leaves the old index naming a folder that is gone, which startup drops.
+* startup: claim data_dir, empty staging/, load index.json (a missing one with folders in adapters/ refuses the
+           start), drop entries whose folder is missing, report unindexed folders and keep them.
 
 One server process per ``data_dir``: the lock is a ``threading.Lock``. Reads are lock-free, because every change
 swaps in a new dict instead of mutating the current one. Torch-free: validating an adapter folder is the injected
@@ -47,6 +52,16 @@ from server.lora.archive import (
     extract_adapter_archive,
     kept_limit,
     receive_file,
+)
+from server.lora.data_dir import (
+    ADAPTERS_DIR,
+    INDEX_FILE,
+    STAGING_DIR,
+    TEMP_PREFIXES,
+    ForeignDataDir,
+    claim_data_dir,
+    fsync_dir,
+    write_json_atomic,
 )
 from server.lora.errors import AdapterFormatError
 
@@ -83,7 +98,7 @@ class UploadTooLarge(RegistryError):
 
 
 class StorageFull(RegistryError):
-    """The disk (or quota) ran out while storing an upload (HTTP 507); nothing was stored."""
+    """The disk (or quota) ran out while storing an upload or deleting (HTTP 507); nothing was changed."""
 
 
 class BadArchive(RegistryError):
@@ -164,9 +179,9 @@ class AdapterRegistry:
         self.data_dir = Path(data_dir)
         self.limits = limits
         self._validate = validate
-        self._adapters = self.data_dir / "adapters"
-        self._staging = self.data_dir / "staging"
-        self._index = self.data_dir / "index.json"
+        self._adapters = self.data_dir / ADAPTERS_DIR
+        self._staging = self.data_dir / STAGING_DIR
+        self._index = self.data_dir / INDEX_FILE
         self._lock = threading.Lock()
         self._records: dict[str, AdapterRecord] = self._recover()
 
@@ -229,17 +244,20 @@ class AdapterRegistry:
 
     # ---- deleting -------------------------------------------------------------------------------------------------
     def delete(self, name: str) -> None:
-        """Unregister ``name`` and remove its files; AdapterNotFound when it is not registered."""
+        """Unregister ``name`` and remove its files; AdapterNotFound when it is not registered, StorageFull (and
+        nothing changed) when the disk is too full to write the new index."""
         with self._lock:
             self.get(name)
+            folder = self._adapters / name
             records = {n: r for n, r in self._records.items() if n != name}
-            self._write_index(records)
+            with _storage_full("nothing was deleted"):
+                trash = self._move_to_staging(folder)
+                try:
+                    self._write_index(records)  # the commit point
+                except BaseException:
+                    self._put_back(trash, folder, name)
+                    raise
             self._records = records
-            try:  # the delete is committed: a failure here only leaves an unindexed folder, removed later
-                trash = self._move_to_staging(self._adapters / name)
-            except OSError:
-                _log.exception("adapter %r is unregistered but its folder could not be moved away", name)
-                return
         shutil.rmtree(trash, ignore_errors=True)
 
     # ---- internals ------------------------------------------------------------------------------------------------
@@ -247,6 +265,14 @@ class AdapterRegistry:
         check_name(name)
         if name in self._records:  # early, so a duplicate costs no upload; _commit checks again under the lock
             raise AdapterExists(f"adapter {name!r} already exists; delete it first to replace it")
+        self._check_not_in_the_way(self._adapters / name)
+
+    def _check_not_in_the_way(self, final: Path) -> None:
+        if final.exists() or final.is_symlink():  # not the server's (see the module docstring): never replaced
+            raise AdapterExists(
+                f"the data directory holds a folder {str(final)!r} that is not a registered adapter (copied in by hand "
+                "or left by an older version); the server does not delete it: move it away, then upload again"
+            )
 
     @contextmanager
     def _new_staging(self) -> Iterator[Path]:
@@ -259,7 +285,7 @@ class AdapterRegistry:
             shutil.rmtree(work, ignore_errors=True)
 
     def _commit(self, name: str, staged: Path, source: Source) -> AdapterRecord:
-        _fsync_dir(staged)
+        fsync_dir(staged)
         summary = self._validate(staged)
         files = [p for p in staged.iterdir() if p.is_file()]
         record = AdapterRecord(
@@ -276,48 +302,78 @@ class AdapterRegistry:
         with self._lock:
             if name in self._records:
                 raise AdapterExists(f"adapter {name!r} already exists; delete it first to replace it")
-            if final.exists() or final.is_symlink():  # unindexed leftover of a delete whose cleanup failed
-                shutil.rmtree(self._move_to_staging(final), ignore_errors=True)
-            os.rename(staged, final)
+            self._check_not_in_the_way(final)
             records = {**self._records, name: record}
+            self._write_index(records)  # the commit point; until the rename, startup would drop the entry
             try:
-                _fsync_dir(self._adapters)
-                self._write_index(records)
+                os.rename(staged, final)
+                fsync_dir(self._adapters)
             except BaseException:
-                with suppress(OSError):  # back into staging, removed with it; else startup removes it
-                    os.rename(final, staged)
+                self._undo_commit(final, staged, name)
                 raise
             self._records = records
         return record
 
+    def _undo_commit(self, final: Path, staged: Path, name: str) -> None:
+        """The folder of a just-indexed adapter could not be put (durably) in place: back to the old index."""
+        if final.exists():
+            try:
+                os.rename(final, staged)
+            except OSError:  # it stays in place and indexed: registered after a restart, never an unindexed folder
+                _log.exception("adapter %r: the folder could not be moved back after a failed commit", name)
+                return
+        try:
+            self._write_index(self._records)
+        except OSError:  # the index names a folder that is not there: startup drops the entry
+            _log.exception("adapter %r: the index could not be restored after a failed commit", name)
+
+    def _put_back(self, trash: Path, folder: Path, name: str) -> None:
+        """Undo a delete's rename when its index write failed, so the adapter stays registered and intact."""
+        try:
+            os.rename(trash / "adapter", folder)
+        except OSError:  # the index still names it, the folder is gone: startup drops the entry
+            _log.exception("adapter %r: its folder could not be moved back from %s after a failed delete", name, trash)
+            self._records = {n: r for n, r in self._records.items() if n != name}
+            return
+        with suppress(OSError):
+            os.rmdir(trash)
+
     def _move_to_staging(self, path: Path) -> Path:
         trash = Path(tempfile.mkdtemp(prefix="deleted-", dir=self._staging))
-        os.rename(path, trash / "adapter")
+        try:
+            os.rename(path, trash / "adapter")
+        except BaseException:
+            os.rmdir(trash)
+            raise
         return trash
 
     def _write_index(self, records: dict[str, AdapterRecord]) -> None:
         """Replace index.json atomically: readers (and a restart) see the old or the new index, never a mix."""
         body = {"version": _INDEX_VERSION, "adapters": {n: records[n].to_json() for n in sorted(records)}}
-        fd, tmp = tempfile.mkstemp(prefix=".index-", suffix=".tmp", dir=self.data_dir)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(body, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self._index)
-        except BaseException:
-            with suppress(OSError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(self.data_dir)
+        write_json_atomic(self._index, body)
 
     def _recover(self) -> dict[str, AdapterRecord]:
-        """Load the index and make the disk agree with it (see the module docstring)."""
-        for d in (self.data_dir, self._adapters, self._staging):
-            d.mkdir(parents=True, exist_ok=True)
-        for leftover in [*self._staging.iterdir(), *self.data_dir.glob(".index-*.tmp")]:
+        """Claim data_dir, load the index and make the disk agree with it (see the module docstring). Removes only
+        what the server made: staging leftovers and interrupted index writes."""
+        try:
+            claim_data_dir(self.data_dir, self._read_index)
+        except ForeignDataDir as e:
+            raise RegistryError(str(e)) from None
+        for d in (self._adapters, self._staging):
+            d.mkdir(exist_ok=True)
+        temps = [p for p in self.data_dir.iterdir() if p.name.startswith(TEMP_PREFIXES) and p.name.endswith(".tmp")]
+        for leftover in [*self._staging.iterdir(), *temps]:
             _log.warning("removing %s: left over by an interrupted upload, delete or index write", leftover)
             _remove(leftover)
+        folders = sorted(p.name for p in self._adapters.iterdir())
+        if not self._index.exists():
+            if folders:  # never read as "nothing is registered": that would orphan every folder
+                raise RegistryError(
+                    f"{self._index} is missing but {self._adapters} holds {len(folders)} folder(s) "
+                    f"({', '.join(folders[:5])}); restore index.json from a backup, or move those folders out and "
+                    "register them again with --startup-adapters; nothing was changed"
+                )
+            self._write_index({})
         indexed = self._read_index()
         records: dict[str, AdapterRecord] = {}
         for name, record in indexed.items():
@@ -326,10 +382,11 @@ class AdapterRegistry:
                 records[name] = record
             else:
                 _log.warning("dropping adapter %r from the index: its folder %s is missing", name, folder)
-        for entry in self._adapters.iterdir():
-            if entry.name not in records:
-                _log.warning("removing %s: not in the index (an upload interrupted before its commit)", entry)
-                _remove(entry)
+        unindexed = [n for n in folders if n not in records]
+        if unindexed:
+            _log.warning("keeping %d folder(s) in %s that are not registered adapters (%s): the server did not make "
+                         "them and never deletes them; move them away, or register them with --startup-adapters",
+                         len(unindexed), self._adapters, ", ".join(unindexed[:5]))  # fmt: skip
         if records != indexed:
             self._write_index(records)
         return records
@@ -355,15 +412,22 @@ def _upload_errors() -> Iterator[None]:
     """The intake module's refusals as registry errors (HTTP 413 and 400), and a full disk as StorageFull (507).
     Whatever fails, the staging folder is removed by ``_new_staging`` and the index is untouched."""
     try:
-        yield
+        with _storage_full("nothing was stored"):
+            yield
     except TooLarge as e:
         raise UploadTooLarge(str(e)) from None
     except UnsafeArchive as e:
         raise BadArchive(str(e)) from None
+
+
+@contextmanager
+def _storage_full(outcome: str) -> Iterator[None]:
+    """A full disk or quota (ENOSPC, EDQUOT) as StorageFull (HTTP 507); ``outcome`` says what the caller undid."""
+    try:
+        yield
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            reason = os.strerror(e.errno)
-            raise StorageFull(f"the server's adapter storage is full ({reason}); nothing was stored") from e
+            raise StorageFull(f"the server's adapter storage is full ({os.strerror(e.errno)}); {outcome}") from e
         raise
 
 
@@ -373,15 +437,6 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make renames and file creations inside ``path`` durable (a file's fsync does not cover its directory entry)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove(path: Path) -> None:
