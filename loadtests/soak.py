@@ -39,6 +39,7 @@ MAX_QUEUE = 8
 WORDS = "the customer asked about a refund for the delivery of an order and the pirate captain sails to sea".split()
 FINISHED = ("length", "stop", "eos")
 PEFT_TOKENS = 12
+HEALTH_LIMIT_S = 1.0  # /health must answer within this while anything else runs
 
 
 # ---- the traffic ---------------------------------------------------------------------------------------------------
@@ -53,6 +54,7 @@ class Soak:
         self.requests = 0
         self.kept: dict[str, str] = {}  # uploaded and not deleted: name -> churn source
         self.churned = 0
+        self.health_latencies: list[float] = []  # seconds, one per /health probe during the traffic
         self.client = httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=64))
 
     def headers(self, key: str) -> dict[str, str]:
@@ -207,6 +209,21 @@ class Soak:
             if isinstance(result, Exception):
                 self.failures.append(f"overload: {type(result).__name__} {result}")
 
+    async def probe_health(self, deadline: float) -> None:
+        """``/health`` on a connection of its own every 0.2 s while the traffic (hostile uploads included) runs: the
+        latencies show whether anything stalled the event loop."""
+        async with httpx.AsyncClient(base_url=self.url, timeout=HEALTH_LIMIT_S * 5) as client:
+            while time.monotonic() < deadline:
+                start = time.monotonic()
+                try:
+                    status = (await client.get("/health", headers=self.headers("api"))).status_code
+                except httpx.TimeoutException:
+                    status = 0
+                self.health_latencies.append(time.monotonic() - start)
+                if status != 200:
+                    self.failures.append(f"health probe: {status or 'timed out'}")
+                await asyncio.sleep(0.2)
+
     async def worker(self, deadline: float, max_requests: int) -> None:
         actions = [self.generate] * 8 + [self.openai] * 4 + [self.hostile] * 6 + [self.disconnect] * 2
         actions += [self.churn] * 2
@@ -223,6 +240,7 @@ class Soak:
         start = time.monotonic()
         deadline = start + duration
         tasks = [asyncio.ensure_future(self.worker(deadline, max_requests)) for _ in range(concurrency)]
+        tasks.append(asyncio.ensure_future(self.probe_health(deadline)))
         next_burst = start + min(10.0, duration / 3)
         memory: dict[str, float] = {"peak": 0.0}
         while not all(t.done() for t in tasks):
@@ -349,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
         (f"RSS growth after the warm-up {growth:+.0f} MiB (limit {RSS_GROWTH_LIMIT_MIB})",
          growth <= RSS_GROWTH_LIMIT_MIB),
         (f"no traceback in the server log ({tracebacks})", tracebacks == 0),
+        (f"/health answered within {HEALTH_LIMIT_S:g} s all through the traffic ({len(soak.health_latencies)} probes, "
+         f"slowest {max(soak.health_latencies, default=0):.2f} s)",
+         bool(soak.health_latencies) and max(soak.health_latencies) < HEALTH_LIMIT_S),
         (f"every answer as expected: no 5xx, 429 with Retry-After ({len(soak.failures)} unexpected)",
          not soak.failures),
     ]  # fmt: skip
