@@ -15,7 +15,7 @@ FROM ${BASE_IMAGE}
 
 # Empty = install torch together with the project from the default index (the CUDA build).
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-# Must equal the pin in pyproject.toml (tests/test_deploy_files.py checks it).
+# Must equal the pin in pyproject.toml (tests/tooling/test_deploy_files.py checks it).
 ARG TORCH_VERSION=2.13.0
 ARG DEBIAN_FRONTEND=noninteractive
 

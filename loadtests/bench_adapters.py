@@ -3,8 +3,8 @@ adapters grows (1, 10, 100, 1000), and what a cold adapter load adds to a first 
 
 For each N: a fresh ``lora-server serve`` process on the embedded SmolLM2-135M with N random rank-8 PEFT adapters
 (q_proj, v_proj, float32, non-zero B) registered at boot from ``--startup-adapters``, then the same trace replayed
-with loadtests/driver.py over ``/v1/generate`` (streaming, EOS ignored, greedy). Every N gets the same arrivals,
-lengths and prompts (loadtests/trace.py draws each aspect from its own stream); only the adapter names differ,
+with loadtests.driver over ``/v1/generate`` (streaming, EOS ignored, greedy). Every N gets the same arrivals,
+lengths and prompts (loadtests.trace draws each aspect from its own stream); only the adapter names differ,
 drawn by S-LoRA's power law over the N adapters.
 
 Cold load: on the largest-N server after its trace, requests name adapters that are only on disk (in no cache
@@ -15,7 +15,7 @@ miss: read, validate, convert) and with a plain ``safetensors`` load.
 Control: the two compared N (10 and 1000) run again with ``--gpu-slots 32`` (= the default ``--max-batch-size``),
 to tell the slot limit on distinct adapters per step apart from everything else (``--compare-slots 0``: skip).
 
-Usage: python loadtests/bench_adapters.py [--counts 1,10,100,1000 --requests 80 --rate 4 --alpha 0.8 --no-doc]
+Usage: python -m loadtests.bench_adapters [--counts 1,10,100,1000 --requests 80 --rate 4 --alpha 0.8 --no-doc]
 Targets: throughput(1000) / throughput(10) >= 0.8; (cold - warm first token) < 3x the adapter read time.
 Writes its figures into docs/benchmarks.md between the bench_adapters markers (unless --no-doc).
 """
@@ -28,66 +28,30 @@ import shlex
 import statistics
 import sys
 import tempfile
-import textwrap
 import time
 from datetime import date
 from pathlib import Path
 from typing import Any
 
 import httpx
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from loadtests import driver
+from loadtests.common.docs_section import wrap_markdown, write_section
+from loadtests.common.factories import target_shapes, write_random_adapters
+from loadtests.common.server_process import ServerProcess
+from loadtests.trace import TraceConfig, TraceRequest, adapter_names, generate, make_prompt
+from server.model.embedded import ensure_embedded_model
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from loadtests import driver  # noqa: E402
-from loadtests.trace import TraceConfig, TraceRequest, adapter_names, generate, make_prompt  # noqa: E402
-from server.model.embedded import ensure_embedded_model  # noqa: E402
-from tests.http_server import ServerProcess  # noqa: E402
-
 DOC = ROOT / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- bench_adapters:begin -->", "<!-- bench_adapters:end -->"
+SECTION = "bench_adapters"  # the markers in DOC between which the figures go
 RANK, ALPHA, TARGETS = 8, 16, ("q_proj", "v_proj")
 READ_REPS = 3
 SERVER_FLAGS = ("--max-seq-len", "512")  # the rest are the server's defaults (printed below)
 
 
 # ---- adapters ---------------------------------------------------------------------------------------------------
-def target_shapes(base_dir: Path) -> dict[str, tuple[int, int]]:
-    """module name (as PEFT keys it, under ``base_model.model.``) -> (in, out) for q_proj and v_proj of every layer."""
-    cfg = json.loads((base_dir / "config.json").read_text())
-    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or hidden // heads
-    outs = {"q_proj": heads * head_dim, "v_proj": cfg.get("num_key_value_heads", heads) * head_dim}
-    layers = range(cfg["num_hidden_layers"])
-    return {f"model.layers.{i}.self_attn.{t}": (hidden, outs[t]) for i in layers for t in TARGETS}
-
-
-def write_adapter(folder: Path, shapes: dict[str, tuple[int, int]], seed: int) -> None:
-    """A PEFT LoRA save as ``peft`` writes it (same config keys that matter, same tensor names and layouts):
-    lora_A.weight [r, in] ~ N(0, 1/in), lora_B.weight [out, r] ~ N(0, 0.05^2), so every adapter changes the outputs."""
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for name, (n_in, n_out) in shapes.items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(RANK, n_in, generator=gen) / n_in**0.5
-        tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(n_out, RANK, generator=gen) * 0.05
-    folder.mkdir(parents=True)
-    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": RANK, "lora_alpha": ALPHA, "lora_dropout": 0.0,
-              "target_modules": list(TARGETS), "bias": "none", "use_rslora": False, "use_dora": False,
-              "init_lora_weights": False, "inference_mode": True, "fan_in_fan_out": False, "modules_to_save": None,
-              "rank_pattern": {}, "alpha_pattern": {}, "base_model_name_or_path": None}  # fmt: skip
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-
-
-def make_adapters(root: Path, count: int, shapes: dict[str, tuple[int, int]]) -> list[Path]:
-    folders = [root / name for name in adapter_names(count)]
-    for i, folder in enumerate(folders):
-        write_adapter(folder, shapes, seed=1000 + i)
-    return folders
-
-
 def startup_folder(root: Path, adapters: list[Path], count: int) -> Path:
     """A folder of symlinks to the first ``count`` adapters, for ``--startup-adapters``."""
     folder = root / f"startup-{count}"
@@ -297,19 +261,7 @@ def _shown_command(argv: list[str]) -> str:
             skip = True
         elif arg != "--no-doc" and not arg.startswith(("--json=", "--workdir=")):
             shown.append(shlex.quote(arg))
-    return " ".join([".venv/bin/python", "loadtests/bench_adapters.py", *shown])
-
-
-def _wrap(markdown: str, width: int = 116) -> str:
-    """Wrap prose and bullet lines (tables and code stay as they are)."""
-    out = []
-    for line in markdown.splitlines():
-        if len(line) <= width or line.startswith(("|", "```", ".venv")):
-            out.append(line)
-        else:
-            indent = "  " if line.startswith("- ") else ""
-            out.append(textwrap.fill(line, width, subsequent_indent=indent, break_on_hyphens=False))
-    return "\n".join(out)
+    return " ".join([".venv/bin/python", "-m", "loadtests.bench_adapters", *shown])
 
 
 def doc_section(args: argparse.Namespace, results: list[dict[str, Any]], table: str, argv: list[str]) -> str:
@@ -326,29 +278,20 @@ def doc_section(args: argparse.Namespace, results: list[dict[str, Any]], table: 
         f"q_proj and v_proj (float32, 1.8 MB each) registered at boot from `--startup-adapters`. The same trace for "
         f"every N: {args.requests} requests, Gamma arrivals at {args.rate:g} req/s with cv 1, prompts {prompts} "
         f"tokens, outputs {outputs} tokens (EOS ignored), greedy, adapters drawn by S-LoRA's power law (alpha "
-        f"{args.alpha:g}) over the N adapters, replayed open-loop by `loadtests/driver.py` over streaming "
+        f"{args.alpha:g}) over the N adapters, replayed open-loop by `loadtests.driver` over streaming "
         f"`/v1/generate`. The rate is {load}. Tokens / step: mean tokens of a (non-idle) engine step during the trace, "
         f"decode rows plus prefill chunks; slot loads: adapter cache misses (an adapter written into a slot); both "
         f"from the server's /metrics. The driver shares the 2 cores with the server and other jobs ran on "
         f"the machine: each N is a single run, and the same N varies by up to ±30% between runs."
     )
     body = f"## Many adapters on one server (issue 5)\n\n```bash\n{_shown_command(argv)}   # or: make bench\n```\n\n"
-    return _wrap(f"{body}{prose}\n\n{table}\n")
-
-
-def write_doc(section: str, path: Path = DOC) -> None:
-    """Replace what lies between the markers (appended at the end when absent); nothing else changes."""
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    if BEGIN not in text or END not in text or text.index(END) < text.index(BEGIN):
-        text = text.rstrip("\n") + f"\n\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    path.write_text(f"{head}{BEGIN}\n{section.strip()}\n{END}{tail}", encoding="utf-8")
+    return wrap_markdown(f"{body}{prose}\n\n{table}\n")
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m loadtests.bench_adapters", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--counts", type=lambda s: [int(x) for x in s.split(",")], default=[1, 10, 100, 1000])
     parser.add_argument("--requests", type=int, default=80, help="requests per N")
     parser.add_argument("--rate", type=float, default=4.0, help="requests per second")
@@ -371,7 +314,8 @@ def main(argv: list[str] | None = None) -> None:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        adapters = make_adapters(work / "adapters", max(args.counts), target_shapes(base_dir))
+        shapes = target_shapes(base_dir, TARGETS)
+        adapters = write_random_adapters(work / "adapters", adapter_names(max(args.counts)), shapes, RANK, ALPHA)
         os.sync()  # write the 1.8 GB back now, not during the first server's trace
         print(f"{len(adapters)} adapters written in {time.perf_counter() - t0:.1f} s; server flags "
               f"{' '.join(SERVER_FLAGS)} {args.server_args} (others default)", flush=True)  # fmt: skip
@@ -387,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
         args.json.write_text(json.dumps({"args": vars(args) | {"workdir": str(args.workdir)}, "results": results,
                                          "reads": reads}, indent=1, default=str) + "\n")  # fmt: skip
     if not args.no_doc:
-        write_doc(doc_section(args, results, table, argv))
+        write_section(DOC, SECTION, doc_section(args, results, table, argv))
         print(f"wrote {DOC.relative_to(ROOT)}")
 
 

@@ -9,7 +9,7 @@ at once. Contenders:
   peft-mixed       PEFT ``generate(adapter_names=...)`` over static batches of our max batch size (a prefix)
 Throughput counts the tokens each request asked for (padding and overshoot in static batches do not count).
 
-Usage: python loadtests/bench_engine.py [--requests 200 --adapters 32 --batch 32 --peft-requests 16 --peft-batches 1
+Usage: python -m loadtests.bench_engine [--requests 200 --adapters 32 --batch 32 --peft-requests 16 --peft-batches 1
                                         --rounds 2 --no-adapter-affinity]
 The two engine contenders run ``--rounds`` times each in ABBA order and keep their fastest round.
 Targets on a 2-core CPU with SmolLM2-135M: ours >= 0.85x ours-base, >= 2x peft-mixed, >= 8x peft-per-request.
@@ -19,25 +19,22 @@ import argparse
 import json
 import random
 import statistics
-import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_lora_forward import make_adapters  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
-
-from server.engine.engine import Engine, EngineConfig  # noqa: E402
-from server.engine.sampling import SamplingParams  # noqa: E402
-from server.model.embedded import ensure_embedded_model  # noqa: E402
-from server.model.loader import load_base_model  # noqa: E402
-from server.model.lora_model import LoraModel  # noqa: E402
+from loadtests.common.factories import save_peft_adapters
+from loadtests.common.timing import interleave
+from server.engine.engine import Engine, EngineConfig
+from server.engine.sampling_params import SamplingParams
+from server.model.embedded import ensure_embedded_model
+from server.model.loader import load_base_model
+from server.model.lora_model import LoraModel
 
 
 @dataclass(frozen=True)
@@ -106,13 +103,9 @@ def run_peft_mixed(peft_model, trace: list[Req], names: list[str], batch: int) -
     return time.perf_counter() - start, sum(r.new_tokens for r in trace)
 
 
-def _abba(rounds: int) -> list[tuple[str, str]]:
-    """Run order of the two engine contenders: ours first in odd rounds, the base first in even ones."""
-    return [("ours", "ours-base") if i % 2 == 0 else ("ours-base", "ours") for i in range(rounds)]
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m loadtests.bench_engine", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base-model", type=Path, default=None)
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--adapters", type=int, default=32)
@@ -133,7 +126,7 @@ def main() -> None:
     base_dir = args.base_model or ensure_embedded_model()
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     with tempfile.TemporaryDirectory() as tmp:
-        peft_model, names = make_adapters(base_dir, Path(tmp), args.adapters, args.rank)
+        peft_model, names = save_peft_adapters(base_dir, Path(tmp), args.adapters, args.rank)
         peft_model.generation_config.eos_token_id = None
         model = LoraModel(load_base_model(base_dir, device="cpu", dtype="float32"), args.slots, args.rank)
         folders = {name: Path(tmp) / name for name in names}
@@ -142,18 +135,23 @@ def main() -> None:
             cpu_slots=args.adapters, adapter_affinity=args.adapter_affinity,
         )  # fmt: skip
         trace = make_trace(args.requests, args.adapters, args.exponent, model.model.config.vocab_size, args.seed)
-        results: dict[str, tuple[float, int]] = {}
-        rounds: dict[str, list[float]] = {"ours": [], "ours-base": []}
-        # This machine's speed drifts by tens of percent over minutes, so the two engine contenders alternate in
-        # ABBA order (ours, base, base, ours, ...) and each keeps its fastest round.
-        for order in _abba(args.rounds):
-            for contender in order:
+
+        def on_engine(adapter_names: list[str] | None) -> Callable[[], tuple[float, int]]:
+            def run() -> tuple[float, int]:
                 engine = Engine(model, tokenizer, lambda name: folders[name], config)
                 # adapters are read from disk inside the timed run (a fresh engine has empty slots)
-                secs, made = run_ours(engine, trace, names if contender == "ours" else None)
+                secs, made = run_ours(engine, trace, adapter_names)
                 engine.shutdown()
-                rounds[contender].append(secs)
-                results[contender] = (min(rounds[contender]), made)
+                return secs, made
+
+            return run
+
+        # This machine's speed drifts by tens of percent over minutes, so the two engine contenders alternate in
+        # ABBA order (ours, base, base, ours, ...) and each keeps its fastest round (timed by run_ours: without
+        # building and shutting down the engine).
+        timed = interleave({"ours": on_engine(names), "ours-base": on_engine(None)}, args.rounds, alternate=True)
+        rounds = {name: [secs for secs, _ in runs] for name, runs in timed.results.items()}
+        results = {name: (min(rounds[name]), timed.last(name)[1]) for name in rounds}
         results["peft-per-request"] = run_peft_per_request(peft_model, trace[: args.peft_requests], names)
         results["peft-mixed"] = run_peft_mixed(peft_model, trace[: args.peft_batches * args.batch], names, args.batch)
 

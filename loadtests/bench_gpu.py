@@ -15,16 +15,15 @@ row, row i on adapter i % N), a decode step on one adapter, and a prefill (``--p
 tokens, one adapter each): time per call of every op, next to the base linear of that shape.
 
 Usage (CUDA, bfloat16; 100 adapters of rank 16 on q,k,v,o,gate,up,down):
-  python loadtests/bench_gpu.py [--batch 32 100 --adapters 100 --rank 16 --prompt 128 --new-tokens 128]
-  python loadtests/bench_gpu.py --micro
-  python loadtests/bench_gpu.py --tiny [--micro]     # 2 layers, hidden 256: a smoke test that runs on CPU
+  python -m loadtests.bench_gpu [--batch 32 100 --adapters 100 --rank 16 --prompt 128 --new-tokens 128]
+  python -m loadtests.bench_gpu --micro
+  python -m loadtests.bench_gpu --tiny [--micro]     # 2 layers, hidden 256: a smoke test that runs on CPU
 Targets (issue 5): N-adapters >= 0.9x plain tokens/s, and < 2 ms added per output token.
 """
 
 import argparse
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,12 +34,12 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from loadtests.common.timing import interleave
 from server.engine.model_runner import ModelRunner, SequenceChunk  # noqa: E402
-from server.lora.mapping import TokenSlotMapping  # noqa: E402
-from server.lora.ops import LORA_OPS  # noqa: E402
-from server.lora.triton_ops import interpreting  # noqa: E402
+from server.kernels.mapping import TokenSlotMapping  # noqa: E402
+from server.kernels.protocol import LoraWeights  # noqa: E402
+from server.kernels.select import LORA_OPS  # noqa: E402
+from server.kernels.triton.ops import interpreting  # noqa: E402
 from server.model.lora_model import LoraModel  # noqa: E402
 
 LLAMA3_8B = {
@@ -94,8 +93,10 @@ def unwrapped(lora: LoraModel) -> Iterator[None]:
 
 
 def use_op(lora: LoraModel, name: str) -> None:
+    """Switch the model to op ``name``: it prepares each step's metadata and every layer adds with it."""
+    lora.op = LORA_OPS[name]
     for layer in lora.layers.values():
-        layer.op = LORA_OPS[name]
+        layer.op = lora.op
 
 
 def sync(device: torch.device) -> None:
@@ -134,17 +135,23 @@ def bench_decode(lora: LoraModel, args: argparse.Namespace, ops: list[str]) -> d
         for op in ops:
             for label, slots in ((f"1-adapter/{op}", [1] * batch), (f"{args.adapters}-adapters/{op}", spread)):
                 contenders[label] = lambda o=op, s=slots, p=prompts: _with_op(lora, o, runner, s, p, args.new_tokens)
-        rounds: dict[str, list[tuple[float, float]]] = {name: [] for name in contenders}
-        firsts: dict[str, torch.Tensor] = {}
-        for r in range(args.rounds + 1):  # round 0 warms up (Triton compiles, cuBLAS picks kernels)
-            for name, fn in contenders.items():
-                prefill, step, first = fn()
-                if r == 0:
-                    firsts[name] = first
-                else:
-                    rounds[name].append((prefill, step))
-        results["batches"][batch] = _figures(batch, min(batch, args.adapters), rounds, firsts)
+        firsts: dict[str, torch.Tensor] = {}  # each contender's first-token logits, from its latest run
+        # one warm-up round (Triton compiles, cuBLAS picks kernels); each run times its own prefill and decode steps
+        runs = {name: _keeping_first(fn, firsts, name) for name, fn in contenders.items()}
+        timed = interleave(runs, args.rounds, warmup=1)
+        results["batches"][batch] = _figures(batch, min(batch, args.adapters), timed.results, firsts)
     return results
+
+
+def _keeping_first(fn: Callable[[], tuple[float, float, torch.Tensor]], firsts: dict[str, torch.Tensor],
+                   name: str) -> Callable[[], tuple[float, float]]:  # fmt: skip
+    """``fn`` returning (prefill s, decode step s), its first-token logits put in ``firsts[name]``."""
+
+    def run() -> tuple[float, float]:
+        prefill, step, firsts[name] = fn()
+        return prefill, step
+
+    return run
 
 
 def _plain(lora, runner, slots, prompts, new_tokens):
@@ -230,24 +237,27 @@ def bench_micro(lora: LoraModel, args: argparse.Namespace, ops: list[str]) -> di
         a[0], b[0] = 0, 0
         scales = torch.full((s + 1,), 2.0, device=device, dtype=dtype)
         scales[0] = 0
-        ranks = [0] + [args.rank] * s
+        weights = LoraWeights.build(a, b, scales, [0] + [args.rank] * s)
+        weights32 = LoraWeights.build(a.float(), b.float(), scales.float(), [0] + [args.rank] * s)
         weight = torch.randn(d_out, d_in, generator=g, device=device, dtype=dtype) / d_in**0.5
         for step_name, slots in steps.items():
             mapping = TokenSlotMapping.build(sorted(slots), device)
             x = torch.randn(len(slots), d_in, generator=g, device=device, dtype=dtype)
             y0 = torch.randn(len(slots), d_out, generator=g, device=device, dtype=dtype)
             ref = y0.float().clone()  # .float() of a float32 tensor is the tensor itself
-            LORA_OPS["reference"](ref, x.float(), a.float(), b.float(), scales.float(), ranks, mapping)
+            reference = LORA_OPS["reference"]
+            reference.add(ref, x.float(), weights32, reference.prepare(mapping))
             calls: dict[str, Callable[[], object]] = {"base linear": lambda x=x, w=weight: F.linear(x, w)}
             errors: dict[str, float] = {}
             for op in ops:
                 y = y0.clone()
-                LORA_OPS[op](y, x, a, b, scales, ranks, mapping)
+                meta = LORA_OPS[op].prepare(mapping)  # once per step, outside the timed calls
+                LORA_OPS[op].add(y, x, weights, meta)
                 errors[op] = float((y.float() - ref).abs().max())
-                args_ = (y, x, a, b, scales, ranks, mapping)
-                calls[op] = lambda fn=LORA_OPS[op], args_=args_: fn(*args_)
+                args_ = (y, x, weights, meta)
+                calls[op] = lambda fn=LORA_OPS[op].add, args_=args_: fn(*args_)
             timing = _time_calls(calls, device, args.rounds, args.calls)
-            adapter_bytes = len(mapping.slots_in_use) * args.rank * (d_in + d_out) * a.element_size()
+            adapter_bytes = len({slot for slot, _, _ in mapping.runs}) * args.rank * (d_in + d_out) * a.element_size()
             out[f"{shape_name} {d_in}->{d_out}, {step_name}"] = {
                 "tokens": len(slots), "us_per_call": timing, "max_abs_err_vs_fp32_reference": errors,
                 "adapter_bytes": adapter_bytes,
@@ -256,22 +266,21 @@ def bench_micro(lora: LoraModel, args: argparse.Namespace, ops: list[str]) -> di
 
 
 def _time_calls(calls: dict[str, Callable[[], object]], device: torch.device, rounds: int, n: int) -> dict:
-    """Per call: wall µs (n calls back to back, then a sync) and host µs (enqueueing them); medians of rounds."""
-    wall: dict[str, list[float]] = {k: [] for k in calls}
-    host: dict[str, list[float]] = {k: [] for k in calls}
-    for r in range(rounds + 1):
-        for name, fn in calls.items():
-            sync(device)
+    """Per call: wall µs (n calls back to back, then a sync) and host µs (enqueueing them); medians of rounds after
+    one warm-up round."""
+
+    def n_calls(fn: Callable[[], object]) -> Callable[[], float]:
+        def run() -> float:
             t0 = time.perf_counter()
             for _ in range(n):
                 fn()
-            t1 = time.perf_counter()
-            sync(device)
-            t2 = time.perf_counter()
-            if r:
-                host[name].append((t1 - t0) / n * 1e6)
-                wall[name].append((t2 - t0) / n * 1e6)
-    return {k: {"wall": statistics.median(wall[k]), "host": statistics.median(host[k])} for k in calls}
+            return time.perf_counter() - t0  # host time: the calls are queued, not necessarily done
+
+        return run
+
+    timed = interleave({k: n_calls(fn) for k, fn in calls.items()}, rounds, warmup=1, sync=lambda: sync(device))
+    return {k: {"wall": statistics.median(timed.seconds[k]) / n * 1e6,
+                "host": statistics.median(timed.results[k]) / n * 1e6} for k in calls}  # fmt: skip
 
 
 def print_micro(results: dict[str, Any]) -> None:
@@ -285,7 +294,8 @@ def print_micro(results: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m loadtests.bench_gpu", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="2 layers, hidden 256: a smoke test (CPU is fine)")
     parser.add_argument("--micro", action="store_true", help="time the LoRA op alone on the layer shapes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

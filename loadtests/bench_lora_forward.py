@@ -6,71 +6,29 @@ Contenders, on the same base model, the same token ids and the same adapters:
   ours       our wrapped model, each row on its own adapter (the mixed batch)
   peft       PEFT's own mixed batch, ``model(input_ids, adapter_names=[...])``
 
-Usage: python loadtests/bench_lora_forward.py [--rows 64 --tokens 32 --adapters 32 --rank 16 --repeats 3]
+Usage: python -m loadtests.bench_lora_forward [--rows 64 --tokens 32 --adapters 32 --rank 16 --repeats 3]
 Targets on a 2-core CPU with SmolLM2-135M: ours <= 1.15x plain, peft / ours >= 3.
 """
 
 import argparse
 import json
 import statistics
-import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from server.lora.mapping import TokenSlotMapping  # noqa: E402
-from server.model.embedded import ensure_embedded_model  # noqa: E402
-from server.model.loader import load_base_model  # noqa: E402
-from server.model.lora_model import DEFAULT_TARGETS, LoraModel  # noqa: E402
-
-
-def make_adapters(base_dir: Path, out: Path, count: int, rank: int) -> tuple[torch.nn.Module, list[str]]:
-    """``count`` random rank-``rank`` adapters on all seven projections, saved by PEFT; returns the PeftModel."""
-    from peft import LoraConfig, get_peft_model
-
-    names = [f"adapter{i:03d}" for i in range(count)]
-    base = load_base_model(base_dir, device="cpu", dtype="float32")
-    torch.manual_seed(0)
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=2 * rank,
-        target_modules=list(DEFAULT_TARGETS),
-        init_lora_weights=False,
-        task_type="CAUSAL_LM",
-    )
-    peft_model = get_peft_model(base, config, adapter_name=names[0])
-    for name in names[1:]:
-        peft_model.add_adapter(name, config)
-    with torch.no_grad():  # PEFT's random init is large for a 135M model; keep outputs sane
-        for pname, p in peft_model.named_parameters():
-            if ".lora_B." in pname:
-                p.mul_(0.05)
-    peft_model.save_pretrained(out, selected_adapters=names)
-    peft_model.eval()
-    return peft_model, names
-
-
-def timed(contenders: dict[str, Callable[[], torch.Tensor]], repeats: int) -> dict[str, tuple[float, torch.Tensor]]:
-    """Median seconds of each contender, the contenders interleaved in every round so drift hits them all alike."""
-    for fn in contenders.values():
-        fn()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    outs: dict[str, torch.Tensor] = {}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            t0 = time.perf_counter()
-            outs[name] = fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: (statistics.median(times[name]), outs[name]) for name in contenders}
+from loadtests.common.factories import save_peft_adapters
+from loadtests.common.lora_rows import lora_logits, row_mapping
+from loadtests.common.timing import interleave
+from server.model.embedded import ensure_embedded_model
+from server.model.loader import load_base_model
+from server.model.lora_model import LoraModel
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m loadtests.bench_lora_forward", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base-model", type=Path, default=None, help="HF folder (default: embedded SmolLM2-135M)")
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=32)
@@ -84,7 +42,7 @@ def main() -> None:
     base_dir = args.base_model or ensure_embedded_model()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        peft_model, names = make_adapters(base_dir, Path(tmp), args.adapters, args.rank)
+        peft_model, names = save_peft_adapters(base_dir, Path(tmp), args.adapters, args.rank)
         plain = load_base_model(base_dir, device="cpu", dtype="float32")
         ours = LoraModel(load_base_model(base_dir, device="cpu", dtype="float32"), args.adapters, args.rank, args.op)
         for slot, name in zip(ours.slots, names, strict=True):
@@ -101,17 +59,20 @@ def main() -> None:
             return plain(input_ids=input_ids, use_cache=False).logits
 
     def run_ours_base() -> torch.Tensor:
-        return ours.logits(input_ids, TokenSlotMapping.for_rows([0] * args.rows, [args.tokens] * args.rows))
+        return lora_logits(ours, input_ids, row_mapping([0] * args.rows, args.tokens))
 
     def run_ours() -> torch.Tensor:
         # The mapping is built inside the timed region: it is part of every step's cost.
-        return ours.logits(input_ids, TokenSlotMapping.for_rows(row_slots, [args.tokens] * args.rows))
+        return lora_logits(ours, input_ids, row_mapping(row_slots, args.tokens))
 
     def run_peft() -> torch.Tensor:
         with torch.inference_mode():
             return peft_model(input_ids=input_ids, adapter_names=row_names, use_cache=False).logits
 
-    results = timed({"plain": run_plain, "ours_base": run_ours_base, "ours": run_ours, "peft": run_peft}, args.repeats)
+    # Median seconds of each contender, interleaved in every round after one warm-up round.
+    rounds = interleave({"plain": run_plain, "ours_base": run_ours_base, "ours": run_ours, "peft": run_peft},
+                        args.repeats, warmup=1)  # fmt: skip
+    results = {name: (statistics.median(seconds), rounds.last(name)) for name, seconds in rounds.seconds.items()}
     (t_plain, plain_logits), (t_ours_base, _) = results["plain"], results["ours_base"]
     (t_ours, ours_logits), (t_peft, peft_logits) = results["ours"], results["peft"]
     max_diff = float((ours_logits - peft_logits).abs().max())

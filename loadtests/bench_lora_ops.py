@@ -6,22 +6,21 @@ base outputs. Each projection has its own random stacked weights for all slots, 
 of a step's adapters come from memory the way they do in a real step. Contenders run interleaved, best of
 ``--repeats`` rounds; the script checks that every op's result equals the reference op's first.
 
-Usage: python loadtests/bench_lora_ops.py [--ops grouped,native --rank 16 --slots 32 --layers 30 --repeats 5
+Usage: python -m loadtests.bench_lora_ops [--ops grouped,native --rank 16 --slots 32 --layers 30 --repeats 5
                                           --json out.json]
 """
 
 import argparse
 import json
-import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from server.lora.mapping import TokenSlotMapping  # noqa: E402
-from server.lora.ops import LORA_OPS, SlotViews, lora_add_reference, select_op  # noqa: E402
+from loadtests.common.timing import interleave
+from server.kernels.mapping import TokenSlotMapping
+from server.kernels.protocol import LoraWeights
+from server.kernels.select import LORA_OPS, select_op
 
 # SmolLM2-135M: hidden 576, 3 KV heads of 64, MLP 1536, 30 layers; (in, out) of each wrapped projection.
 LAYER_SHAPES = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
@@ -44,9 +43,21 @@ def step_shapes() -> dict[str, list[int]]:
     }
 
 
+def one_step(op, layers: list[LoraWeights], xs: list[torch.Tensor], ys: list[torch.Tensor], meta) -> Callable[[], None]:
+    """One engine step's LoRA work with ``op``: the add of every wrapped projection of every layer (its per-step
+    metadata, ``op.prepare``, built once outside the timed region)."""
+
+    def run() -> None:
+        for weights, x, y in zip(layers, xs, ys, strict=True):
+            op.add(y, x, weights, meta)
+
+    return run
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ops", default="grouped,native", help="comma-separated ops from server.lora.ops.LORA_OPS")
+    parser = argparse.ArgumentParser(prog="python -m loadtests.bench_lora_ops", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ops", default="grouped,native", help="comma-separated ops from kernels.select.LORA_OPS")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--slots", type=int, default=32)
     parser.add_argument("--layers", type=int, default=30, help="decoder layers (SmolLM2-135M has 30)")
@@ -66,32 +77,26 @@ def main() -> None:
         scales = torch.rand(args.slots + 1)
         scales[0] = 0
         ranks = [0] + [args.rank] * args.slots
-        layers.append((a, b, scales, ranks, SlotViews.build(a, b, scales, ranks)))
+        layers.append(LoraWeights.build(a, b, scales, ranks))
 
     results: dict[str, dict[str, float]] = {}
     print(f"{args.layers} layers x {len(LAYER_SHAPES)} projections, rank {args.rank}, {args.slots} slots, "
           f"{torch.get_num_threads()} threads; ms per step, best of {args.repeats}")  # fmt: skip
     for label, slots in step_shapes().items():
-        grid = TokenSlotMapping.build(slots)  # with the short-run grid where the grouped op would use it
-        plain = TokenSlotMapping.build(slots, allow_short=False)
+        mapping = TokenSlotMapping.build(slots)
+        metas = {name: LORA_OPS[name].prepare(mapping) for name in ["reference", *names]}
         xs = [torch.randn(len(slots), d_in) for d_in, _ in LAYER_SHAPES * args.layers]
         ys = [torch.randn(len(slots), d_out) for _, d_out in LAYER_SHAPES * args.layers]
         for i in (0, 5, 6):  # every op equals the reference before it is timed
-            a, b, scales, ranks, views = layers[i]
             expected = ys[i].clone()
-            lora_add_reference(expected, xs[i], a, b, scales, ranks, plain)
+            LORA_OPS["reference"].add(expected, xs[i], layers[i], metas["reference"])
             for name in names:
                 got = ys[i].clone()
-                LORA_OPS[name](got, xs[i], a, b, scales, ranks, grid if name == "grouped" else plain, views)
+                LORA_OPS[name].add(got, xs[i], layers[i], metas[name])
                 torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-4)
-        best = {name: float("inf") for name in names}
-        for _ in range(args.repeats):
-            for name in names:
-                op, mapping = LORA_OPS[name], grid if name == "grouped" else plain
-                start = time.perf_counter()
-                for (a, b, scales, ranks, views), x, y in zip(layers, xs, ys, strict=True):
-                    op(y, x, a, b, scales, ranks, mapping, views)
-                best[name] = min(best[name], time.perf_counter() - start)
+        steps = {name: one_step(LORA_OPS[name], layers, xs, ys, metas[name]) for name in names}
+        timed = interleave(steps, args.repeats)
+        best = {name: min(seconds) for name, seconds in timed.seconds.items()}
         results[label] = {name: secs * 1e3 for name, secs in best.items()}
         first = names[0]
         cells = "  ".join(f"{name} {secs * 1e3:7.2f}" for name, secs in best.items())

@@ -1,4 +1,4 @@
-"""Open-loop HTTP load driver: replays a trace (loadtests/trace.py) against a server and times every token.
+"""Open-loop HTTP load driver: replays a trace (loadtests.trace) against a server and times every token.
 
 Each request is sent at its arrival time whatever the server is doing (open loop, as S-LoRA and vLLM's
 benchmark_serving measure), with streaming on, through one of two APIs:
@@ -10,12 +10,12 @@ benchmark_serving measure), with streaming on, through one of two APIs:
 ``ignore_eos`` is sent in both (vLLM accepts it as an extra field) so output lengths follow the trace.
 
 Per request: TTFT = first token - send; TPOT = (last token - first token) / (output tokens - 1); ITL = gaps
-between token events. Report: throughput (ok requests/s and output tokens/s over the time from the first send to
-the last answer), TTFT/TPOT/ITL/latency mean and p50/p90/p99, errors by status (``stream:<type>`` for streams that
-ended with an error, ``connect``/``read`` etc. for transport failures) and SLO attainment (fraction of all
-requests answered with a first token within ``--slo-ttft``).
+between token events. Report (loadtests.driver_report): throughput (ok requests/s and output tokens/s over the time
+from the first send to the last answer), TTFT/TPOT/ITL/latency mean and p50/p90/p99, errors by status
+(``stream:<type>`` for streams that ended with an error, ``connect``/``read`` etc. for transport failures) and SLO
+attainment (fraction of all requests answered with a first token within ``--slo-ttft``).
 
-Usage: python loadtests/driver.py --trace t.jsonl --url http://127.0.0.1:8000 [--api generate|openai]
+Usage: python -m loadtests.driver --trace t.jsonl --url http://127.0.0.1:8000 [--api generate|openai]
            [--slo-ttft 1.0] [--json out.json] [--rates 1,2,4 --plot sweep.png]
 With ``--rates`` the trace is replayed once per rate, its arrival times scaled to that rate, and a PNG of latency
 vs request rate is written (needs matplotlib: ``pip install -e '.[bench]'``; without it the plot is skipped).
@@ -24,10 +24,7 @@ vs request rate is written (needs matplotlib: ``pip install -e '.[bench]'``; wit
 import argparse
 import asyncio
 import json
-import math
-import sys
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,9 +32,8 @@ from typing import Any, Literal
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from loadtests.trace import TraceRequest, load, offered_rate, prompt_text, scale_to_rate  # noqa: E402
+from loadtests.driver_report import format_summary, format_sweep, plot_sweep, request_row, summarize
+from loadtests.trace import TraceRequest, load, offered_rate, prompt_text, scale_to_rate
 
 Api = Literal["generate", "openai"]
 
@@ -211,46 +207,6 @@ async def base_model_id(client: httpx.AsyncClient, target: Target) -> str:
     return str(response.json()["data"][0]["id"])
 
 
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """The q-th percentile (0..100) with linear interpolation between order statistics (numpy's default)."""
-    xs = sorted(values)
-    if not xs:
-        return None
-    pos = (len(xs) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-def distribution(values: Sequence[float]) -> dict[str, float | None]:
-    mean = sum(values) / len(values) if values else None
-    return {"mean": mean, "p50": percentile(values, 50), "p90": percentile(values, 90), "p99": percentile(values, 99)}
-
-
-def summarize(records: Sequence[RequestRecord], elapsed: float, slo_ttft: float) -> dict[str, Any]:
-    """The report of one replay (see the module docstring); plain JSON-able values, None where undefined."""
-    ok = [r for r in records if r.ok]
-    tokens = sum(r.output_tokens for r in ok)
-    duration = max(elapsed, 1e-9)
-    met = sum(1 for r in ok if r.ttft is not None and r.ttft <= slo_ttft)
-    return {
-        "requests": len(records),
-        "ok": len(ok),
-        "errors": dict(Counter(r.error_key() for r in records if not r.ok)),
-        "duration_s": elapsed,
-        "throughput_rps": len(ok) / duration,
-        "output_tokens": tokens,
-        "output_tps": tokens / duration,
-        "ttft_s": distribution([r.ttft for r in ok if r.ttft is not None]),
-        "tpot_s": distribution([r.tpot for r in ok if r.tpot is not None]),
-        "itl_s": distribution([gap for r in ok for gap in r.itls]),
-        "latency_s": distribution([r.latency for r in ok if r.latency is not None]),
-        "slo_ttft_s": slo_ttft,
-        "slo_attainment": met / len(records) if records else None,
-        "max_send_lag_s": max((r.sent - r.scheduled for r in records), default=0.0),
-    }
-
-
 def run(trace: Sequence[TraceRequest], target: Target, slo_ttft: float = 1.0,
         prompt_seed: int = 0) -> tuple[dict[str, Any], list[RequestRecord]]:  # fmt: skip
     """Replay ``trace`` and summarize it (blocking)."""
@@ -270,75 +226,10 @@ def sweep(trace: Sequence[TraceRequest], rates: Sequence[float], target: Target,
     return out
 
 
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value * 1000:.0f}"
-
-
-def format_summary(s: dict[str, Any]) -> str:
-    errors = ", ".join(f"{k}: {v}" for k, v in sorted(s["errors"].items())) or "none"
-    lines = [
-        f"requests {s['ok']}/{s['requests']} ok in {s['duration_s']:.1f} s (offered {s['offered_rate']:.2f} req/s); "
-        f"errors: {errors}",
-        f"throughput {s['throughput_rps']:.2f} req/s, {s['output_tps']:.1f} output tokens/s "
-        f"({s['output_tokens']} tokens)",
-        f"{'ms':<12}{'mean':>8}{'p50':>8}{'p90':>8}{'p99':>8}",
-    ]
-    for key, label in (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("itl_s", "ITL"), ("latency_s", "latency")):
-        d = s[key]
-        lines.append(f"{label:<12}{_ms(d['mean']):>8}{_ms(d['p50']):>8}{_ms(d['p90']):>8}{_ms(d['p99']):>8}")
-    attained = "-" if s["slo_attainment"] is None else f"{100 * s['slo_attainment']:.1f}%"
-    lines.append(f"SLO TTFT <= {s['slo_ttft_s']:g} s: {attained}; max send lag {_ms(s['max_send_lag_s'])} ms")
-    return "\n".join(lines)
-
-
-def format_sweep(summaries: Sequence[dict[str, Any]]) -> str:
-    head = (f"{'rate':>6}{'ok':>9}{'req/s':>8}{'tok/s':>8}{'TTFT p50':>10}{'p90':>8}{'p99':>8}"
-            f"{'TPOT p50':>10}{'p90':>8}{'p99':>8}{'mean':>8}{'SLO':>7}  errors")  # fmt: skip
-    lines = [head + "   (latencies in ms)"]
-    for s in summaries:
-        t, p = s["ttft_s"], s["tpot_s"]
-        slo = "-" if s["slo_attainment"] is None else f"{100 * s['slo_attainment']:.0f}%"
-        errors = ", ".join(f"{k}:{v}" for k, v in sorted(s["errors"].items())) or "-"
-        lines.append(f"{s['rate']:>6g}{s['ok']:>5}/{s['requests']:<3}{s['throughput_rps']:>8.2f}{s['output_tps']:>8.1f}"
-                     f"{_ms(t['p50']):>10}{_ms(t['p90']):>8}{_ms(t['p99']):>8}{_ms(p['p50']):>10}{_ms(p['p90']):>8}"
-                     f"{_ms(p['p99']):>8}{_ms(p['mean']):>8}{slo:>7}  {errors}")  # fmt: skip
-    return "\n".join(lines)
-
-
-def plot_sweep(summaries: Sequence[dict[str, Any]], path: Path, title: str = "") -> bool:
-    """Write a PNG of TTFT p50/p99 and mean TPOT vs request rate; False (nothing written) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display: render to a file only
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    rates = [s["rate"] for s in summaries]
-
-    def series(key: str, stat: str) -> list[float]:
-        return [math.nan if s[key][stat] is None else s[key][stat] * 1000 for s in summaries]
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(rates, series("ttft_s", "p50"), "o-", label="TTFT p50")
-    left.plot(rates, series("ttft_s", "p99"), "s--", label="TTFT p99")
-    left.set(xlabel="request rate (req/s)", ylabel="ms", title="time to first token")
-    right.plot(rates, series("tpot_s", "mean"), "o-", label="TPOT mean")
-    right.set(xlabel="request rate (req/s)", ylabel="ms", title="time per output token")
-    for ax in (left, right):
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trace", type=Path, required=True, help="JSONL trace from loadtests/trace.py")
+    parser = argparse.ArgumentParser(prog="python -m loadtests.driver", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trace", type=Path, required=True, help="JSONL trace from loadtests.trace")
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--api", choices=("generate", "openai"), default="generate")
     parser.add_argument("--base-model", default=None, help="OpenAI model id for requests without an adapter")
@@ -370,17 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         summary, records = run(trace, target, args.slo_ttft, args.prompt_seed)
         print(format_summary(summary))
-        result = {"api": args.api, "url": args.url, "summary": summary, "requests": [_row(r) for r in records]}
+        result = {"api": args.api, "url": args.url, "summary": summary, "requests": [request_row(r) for r in records]}
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
     return 0
-
-
-def _row(r: RequestRecord) -> dict[str, Any]:
-    return {"index": r.index, "adapter": r.adapter, "scheduled": r.scheduled, "sent": r.sent, "status": r.status,
-            "error": r.error, "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
-            "output_tokens": r.output_tokens, "max_new_tokens": r.max_new_tokens, "ttft": r.ttft, "tpot": r.tpot,
-            "latency": r.latency}  # fmt: skip
 
 
 if __name__ == "__main__":

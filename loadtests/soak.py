@@ -7,7 +7,7 @@ of them (and the base) still gives PEFT's greedy tokens, and that nothing escape
 Every request declares the statuses it may get; anything else is a failure. No 5xx is allowed except a 503 with
 Retry-After during a deliberate overload burst, and every 429 must carry Retry-After.
 
-Usage: python loadtests/soak.py [--duration 120] [--max-requests N] [--concurrency 4] [--model tiny|embedded]
+Usage: python -m loadtests.soak [--duration 120] [--max-requests N] [--concurrency 4] [--model tiny|embedded]
                                 [--no-keys] [--seed 0] [--write-docs]
 Exit status 0 when every check passes. The summary (markdown) goes to stdout and, with --write-docs, into
 docs/reliability.md between the soak markers. Set-up and checks add well under a minute on the tiny model.
@@ -26,13 +26,11 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from loadtests.soak_hardening import HARDENING  # noqa: E402
-from loadtests.soak_payloads import HOSTILE, KNOWN_ISSUES, Payloads, raw_status  # noqa: E402
-from loadtests.soak_report import RSS_GROWTH_LIMIT_MIB, render, write_docs  # noqa: E402
-from tests.http_server import ServerProcess  # noqa: E402
+from loadtests.common.server_process import ServerProcess
+from loadtests.common.timing import Laps
+from loadtests.soak_hardening import HARDENING
+from loadtests.soak_payloads import HOSTILE, KNOWN_ISSUES, Payloads, raw_status
+from loadtests.soak_report import RSS_GROWTH_LIMIT_MIB, render, write_docs
 
 API_KEY, ADMIN_KEY = "soak-api-key", "soak-admin-key"
 MAX_QUEUE = 8
@@ -268,7 +266,7 @@ def final_checks(server: ServerProcess, soak: Soak, payloads: Payloads) -> list[
     import torch
     from transformers import AutoTokenizer
 
-    from tests.peft_reference import PeftReference
+    from loadtests.common.peft_reference import PeftReference
 
     headers = soak.headers("api")
 
@@ -322,7 +320,7 @@ def rss_mib(pid: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m loadtests.soak", description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=120.0, help="seconds of traffic")
     parser.add_argument("--max-requests", type=int, default=10**9, help="stop earlier after this many requests")
     parser.add_argument("--concurrency", type=int, default=4, help="concurrent clients (plus overload bursts)")
@@ -331,17 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--write-docs", action="store_true", help="write the summary into docs/reliability.md")
     args = parser.parse_args(argv)
-    phases: dict[str, float] = {}
-    clock = time.monotonic()
-
-    def lap(phase: str) -> None:
-        nonlocal clock
-        phases[phase], clock = time.monotonic() - clock, time.monotonic()
-
+    laps = Laps()
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         work = Path(tmp)
         payloads = Payloads.build(work, args.model)
-        lap("set-up")
+        laps.lap("set-up")
         flags = ["--gpu-slots", "2", "--cpu-slots", "2", "--max-batch-size", "4", "--max-queue", str(MAX_QUEUE),
                  "--max-seq-len", "256", "--max-new-tokens", "64", "--max-prompt-tokens", "128",
                  "--max-upload-bytes", str(payloads.max_upload_bytes), "--max-request-bytes", "65536",
@@ -353,15 +345,15 @@ def main(argv: list[str] | None = None) -> int:
             pid = server.proc.pid
             soak = Soak(server.url, payloads, not args.no_keys, random.Random(args.seed))
             payloads.base_id = httpx.get(f"{server.url}/v1/models", headers=soak.headers("api")).json()["data"][0]["id"]
-            lap("server start")
+            laps.lap("server start")
             memory = asyncio.run(soak.run(args.duration, args.concurrency, args.max_requests, lambda: rss_mib(pid)))
-            lap("traffic")
+            laps.lap("traffic")
             checks = final_checks(server, soak, payloads)
-            lap("checks")
+            laps.lap("checks")
             tracebacks = server.log.read_text().count("Traceback")
             if tracebacks:
                 print(server.log.read_text()[-4000:], file=sys.stderr)
-        lap("server stop")
+        laps.lap("server stop")
     growth = memory["end"] - memory["warm"]
     checks += [
         (f"RSS growth after the warm-up {growth:+.0f} MiB (limit {RSS_GROWTH_LIMIT_MIB})",
@@ -373,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         (f"every answer as expected: no 5xx, 429 with Retry-After ({len(soak.failures)} unexpected)",
          not soak.failures),
     ]  # fmt: skip
-    summary = render(args, soak, memory, phases, checks)
+    summary = render(args, soak, memory, laps.phases, checks)
     print(summary)
     for failure in soak.failures[:30]:
         print(f"UNEXPECTED {failure}", file=sys.stderr)

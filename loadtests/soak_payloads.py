@@ -36,7 +36,7 @@ class Payloads:
     def build(cls, work: Path, model: str) -> "Payloads":
         from transformers import AutoModelForCausalLM
 
-        from tests.factories import ADAPTER_CONFIGS, save_peft_adapter, save_tiny_model
+        from loadtests.common.factories import ADAPTER_CONFIGS, save_peft_adapter, save_tiny_model
 
         if model == "tiny":
             base_dir = save_tiny_model(work / "model")

@@ -5,6 +5,7 @@ import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from loadtests.common.docs_section import write_section
 from loadtests.soak_payloads import KNOWN_ISSUES
 
 if TYPE_CHECKING:
@@ -12,7 +13,7 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "reliability.md"
-BEGIN, END = "<!-- soak:begin -->", "<!-- soak:end -->"
+SECTION = "soak"  # the markers in DOCS between which the summary goes
 # Server RSS may grow this much from the end of the warm-up (the first quarter) to the end of the run; the reasoning
 # is in the summary (render) and docs/reliability.md.
 RSS_GROWTH_LIMIT_MIB = 64
@@ -37,9 +38,9 @@ def render(args: argparse.Namespace, soak: "Soak", memory: dict[str, float], pha
         "caches and arenas settling. The limit is 3-4 times that; a two-minute run (about 3,500 requests after the "
         "warm-up) crosses it with a leak of about 20 KiB per request, e.g. one KV-cache row per request (96 KiB on "
         "the tiny model). Smaller leaks need a longer `--duration`; the quarter readings show whether RSS still "
-        "climbs. `tests/test_soak.py` runs the soak for 15 s in `make test`.",
+        "climbs. `tests/tooling/test_soak.py` runs the soak for 15 s in `make test`.",
         "",
-        f"Last run {datetime.date.today().isoformat()}: `python loadtests/soak.py {flags}"
+        f"Last run {datetime.date.today().isoformat()}: `python -m loadtests.soak {flags}"
         f"{' --no-keys' if args.no_keys else ''}`, {soak.requests} requests in {traffic:.0f} s "
         f"({soak.requests / max(traffic, 1e-9):.1f}/s), {sum(phases.values()):.0f} s in all ("
         + ", ".join(f"{phase} {seconds:.0f} s" for phase, seconds in phases.items() if phase != "traffic")
@@ -63,8 +64,4 @@ def render(args: argparse.Namespace, soak: "Soak", memory: dict[str, float], pha
 
 
 def write_docs(summary: str) -> None:
-    text = DOCS.read_text() if DOCS.exists() else "# Reliability\n"
-    if BEGIN not in text or END not in text:
-        text = text.rstrip("\n") + f"\n\n## Soak test\n\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    DOCS.write_text(f"{head}{BEGIN}\n{summary}\n{END}{rest.split(END, 1)[1]}")
+    write_section(DOCS, SECTION, summary, heading="## Soak test")

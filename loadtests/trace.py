@@ -20,7 +20,7 @@ changing one aspect (say, the number of adapters) leaves the others (arrivals, l
 JSONL, one request per line: ``{"arrival": s, "adapter": "a0003" | null, "prompt_len": n, "max_new_tokens": m,
 "prompt": "..."}``; ``prompt`` may be left out, and is then rebuilt from ``prompt_len`` and the line number.
 
-Usage: python loadtests/trace.py --adapters 100 --rate 5 --duration 60 --out t.jsonl
+Usage: python -m loadtests.trace --adapters 100 --rate 5 --duration 60 --out t.jsonl
            [--popularity power|zipf|uniform --alpha 1 --cv 1 --prompt-len 8 512 --output-len 8 512 --seed 0]
 Torch-free: standard library only.
 """
@@ -207,7 +207,8 @@ def describe(trace: Sequence[TraceRequest]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m loadtests.trace", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapters", type=int, default=100)
     parser.add_argument("--popularity", choices=POPULARITIES, default="power")
     parser.add_argument("--alpha", type=float, default=1.0, help="power-law exponent (power: 1 = uniform)")

@@ -44,8 +44,8 @@ def serve(flags: list[str]) -> int:
 
     import uvicorn
 
+    from server.adapters.registry import RegistryError
     from server.api.app import create_app
-    from server.lora.registry import RegistryError
     from server.service import Service
 
     try:

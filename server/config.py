@@ -41,7 +41,8 @@ class Settings(BaseSettings):
     )
     lora_op: Literal["auto", "native", "grouped", "reference", "triton", "triton_sgmv", "triton_bgmv"] = Field(
         "auto",
-        description="LoRA kernel: auto = Triton on CUDA, the C kernel on CPU float32 (where it builds), else grouped",
+        description="LoRA kernel: auto = the C kernel on CPU float32 (where it builds), else grouped (also on CUDA, "
+        "until the Triton ops, selectable by name, have passed their tests on a GPU)",
     )
     packed_weights: bool = Field(
         True, description="CPU: pack the frozen base weights into oneDNN's layout at startup (faster GEMMs)"

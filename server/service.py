@@ -5,11 +5,11 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from server.adapters.checkpoint import CONFIG_FILE
+from server.adapters.errors import AdapterError
+from server.adapters.registry import AdapterRegistry, AdapterSummary, RegistryError, UploadLimits
 from server.config import Settings
 from server.engine.engine import Engine, EngineConfig
-from server.lora.checkpoint import CONFIG_FILE
-from server.lora.errors import AdapterError
-from server.lora.registry import AdapterRegistry, AdapterSummary, RegistryError, UploadLimits
 from server.metrics import EngineView, ServerMetrics
 from server.model.embedded import EMBEDDED_MODEL_ID, ensure_embedded_model
 from server.model.loader import load_base_model
@@ -56,10 +56,10 @@ class Service:
         self.engine.on_step.append(self.metrics.observe_step)
         self.metrics.add_engine_view(
             EngineView(
-                running=lambda: self.engine.scheduler.num_running,
+                running=lambda: self.engine.num_running,
                 queued=self.engine.queue_length,
-                cache_stats=lambda: self.engine.slot_cache.stats,
-                resident=self.engine.slot_cache.tier_counts,
+                cache_stats=lambda: self.engine.cache_stats,
+                resident=self.engine.resident_counts,
                 registered=lambda: len(self.registry),
             )
         )
@@ -87,7 +87,7 @@ class Service:
                 log.warning("startup adapter %s refused: %s", folder.name, exc)
 
     def adapter_state(self, name: str) -> str:
-        return self.engine.slot_cache.tier(name)
+        return self.engine.adapter_tier(name)
 
     def delete_adapter(self, name: str) -> None:
         self.registry.delete(name)

@@ -4,9 +4,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.factories import ADAPTER_CONFIGS, build_tiny_model, save_peft_adapter, save_tiny_model
+from loadtests.common.factories import ADAPTER_CONFIGS, build_tiny_model, save_peft_adapter, save_tiny_model
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+TESTS = Path(__file__).resolve().parent
+KINDS = ("unit", "model", "e2e", "tooling")  # folders under tests/, and the markers pyproject.toml registers
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test with its kind, the folder it lives in (``-m unit`` runs tests/unit)."""
+    for item in items:
+        path = Path(item.path).resolve()
+        if not path.is_relative_to(TESTS):
+            continue
+        kind = path.relative_to(TESTS).parts[0]
+        if kind not in KINDS:
+            raise pytest.UsageError(f"{item.nodeid}: a test file belongs in one of tests/{{{','.join(KINDS)}}}/")
+        item.add_marker(kind)
 
 
 @pytest.fixture(scope="session")

@@ -1,27 +1,37 @@
 """Submitting a generation to the engine from an async handler, shared by our API and the OpenAI-compatible one."""
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Sequence
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import ParamSpec, TypeVar
 
 from fastapi import Request
 
 from server.api.errors import ApiError, ClientDisconnected
-from server.engine.engine import EngineStoppedError, QueueFullError, RequestError, UnknownAdapterError
+from server.api.schemas import FinishReasonName, StreamFinishReason
+from server.engine.errors import EngineStoppedError, QueueFullError, RequestError, UnknownAdapterError
 from server.engine.handle import RequestHandle, RequestOutput, RequestResult, collect
 from server.engine.request import FinishReason
-from server.engine.sampling import SamplingParams
+from server.engine.sampling_params import SamplingParams
 from server.service import Service
 
 RETRY_AFTER_SECONDS = "1"
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
-def sampling_params(**fields: object) -> SamplingParams:
-    try:
-        return SamplingParams(**fields)  # type: ignore[arg-type]
-    except ValueError as exc:
-        raise ApiError(422, "invalid_request", str(exc)) from None
+def _invalid_as_422(make: Callable[P, T]) -> Callable[P, T]:
+    """``make`` (same arguments), answering 422 with its message when it refuses a value with ValueError."""
+
+    def checked(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return make(*args, **kwargs)
+        except ValueError as exc:
+            raise ApiError(422, "invalid_request", str(exc)) from None
+
+    return checked
+
+
+sampling_params = _invalid_as_422(SamplingParams)
 
 
 def submit(service: Service, prompt_ids: Sequence[int], adapter: str | None, params: SamplingParams) -> RequestHandle:
@@ -112,9 +122,27 @@ async def stream(handle: RequestHandle, request: Request) -> AsyncIterator[Reque
     return chained()
 
 
-def public_reason(reason: FinishReason) -> str:
-    """Our API's finish reasons: length | stop | eos, and timeout | error for a stream that had to end early (a
-    cancelled request has no client left to read it)."""
-    if reason is FinishReason.CANCELLED:
-        return "stop"
-    return "error" if reason is FinishReason.ADAPTER_DELETED else reason.value
+# Our API's finish reasons: length | stop | eos, and timeout | error for a stream that had to end early (a
+# cancelled request has no client left to read it).
+_COMPLETED_REASONS: dict[FinishReason, FinishReasonName] = {
+    FinishReason.LENGTH: "length",
+    FinishReason.STOP: "stop",
+    FinishReason.EOS: "eos",
+    FinishReason.CANCELLED: "stop",
+}
+_PUBLIC_REASONS: dict[FinishReason, StreamFinishReason] = {
+    **_COMPLETED_REASONS,
+    FinishReason.TIMEOUT: "timeout",
+    FinishReason.ERROR: "error",
+    FinishReason.ADAPTER_DELETED: "error",
+}
+
+
+def public_reason(reason: FinishReason) -> StreamFinishReason:
+    """A finish reason as a stream's last event says it."""
+    return _PUBLIC_REASONS[reason]
+
+
+def completed_reason(reason: FinishReason) -> FinishReasonName:
+    """The finish reason of a request that ``run_to_completion`` returned (it raised for the ones that failed)."""
+    return _COMPLETED_REASONS[reason]

@@ -6,7 +6,10 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from server.api.schemas import StopString
-from server.engine.sampling import MAX_STOP_STRINGS
+from server.engine.sampling_params import MAX_STOP_STRINGS
+
+# OpenAI's finish reasons that we produce (a request that ends early answers an error instead).
+OpenAIFinishReason = Literal["stop", "length"]
 
 
 class StreamOptions(BaseModel):
@@ -73,7 +76,7 @@ class CompletionUsage(BaseModel):
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: OpenAIFinishReason | None
     logprobs: None = None
 
 
@@ -94,7 +97,7 @@ class ChatChoiceMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatChoiceMessage
-    finish_reason: Literal["stop", "length"]
+    finish_reason: OpenAIFinishReason
 
 
 class ChatCompletionResponse(BaseModel):
@@ -114,7 +117,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: OpenAIFinishReason | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -5,11 +5,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
-from server.api.auth import require_admin, require_inference
-from server.api.errors import ApiError
-from server.api.schemas import AdapterInfo, AdapterList, ErrorResponse
-from server.lora.errors import AdapterError
-from server.lora.registry import (
+from server.adapters.errors import AdapterError
+from server.adapters.registry import (
     AdapterExists,
     AdapterNotFound,
     AdapterRecord,
@@ -19,10 +16,13 @@ from server.lora.registry import (
     StorageFull,
     UploadTooLarge,
 )
+from server.api.auth import require_admin, require_inference
+from server.api.errors import ApiError
+from server.api.schemas import AdapterInfo, AdapterList, error_responses
 from server.service import Service
 
 router = APIRouter()
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 422, 507)}
+_ERRORS = error_responses(400, 401, 403, 404, 409, 413, 422, 507)
 
 
 def _info(service: Service, record: AdapterRecord) -> AdapterInfo:

@@ -6,13 +6,13 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from server.api.auth import require_inference
-from server.api.generation import public_reason, run_to_completion, sampling_params, stream, submit
+from server.api.generation import completed_reason, public_reason, run_to_completion, sampling_params, stream, submit
 from server.api.prompts import encode_prompt
-from server.api.schemas import ErrorResponse, GenerateRequest, GenerateResponse, StreamEvent, StreamToken, Usage
+from server.api.schemas import GenerateRequest, GenerateResponse, StreamEvent, StreamToken, Usage, error_responses
 from server.service import Service
 
 router = APIRouter(dependencies=[Depends(require_inference)])
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 503, 504)}
+_ERRORS = error_responses(400, 401, 404, 413, 422, 429, 503, 504)
 
 
 def sse(payload: str) -> str:
@@ -45,7 +45,7 @@ async def generate(body: GenerateRequest, request: Request):
             id=result.request_id,
             adapter=body.adapter,
             text=result.text,
-            finish_reason=public_reason(result.finish_reason),
+            finish_reason=completed_reason(result.finish_reason),
             usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens),
         )
     outputs = await stream(handle, request)
@@ -57,9 +57,10 @@ async def generate(body: GenerateRequest, request: Request):
                 event = StreamEvent(id=out.request_id, token=StreamToken(id=token, text=text))
                 yield sse(event.model_dump_json(exclude_none=True))
             if out.finished:
+                assert out.finish_reason is not None  # every final output carries its reason
                 final = StreamEvent(
                     id=out.request_id,
-                    finish_reason=public_reason(out.finish_reason),  # type: ignore[arg-type]
+                    finish_reason=public_reason(out.finish_reason),
                     usage=Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens),
                     error=out.error,
                 )

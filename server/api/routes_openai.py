@@ -4,6 +4,7 @@ or the base model. The official ``openai`` client works against these, streaming
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import overload
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
@@ -26,15 +27,16 @@ from server.api.openai_schemas import (
     CompletionUsage,
     ModelCard,
     ModelList,
+    OpenAIFinishReason,
 )
 from server.api.prompts import encode_chat, encode_prompt
-from server.api.schemas import ErrorBody, ErrorResponse
+from server.api.schemas import ErrorBody, ErrorResponse, error_responses
 from server.engine.handle import RequestHandle, RequestOutput, RequestResult
 from server.engine.request import FinishReason
 from server.service import Service
 
 router = APIRouter(dependencies=[Depends(require_inference)])
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 503, 504)}
+_ERRORS = error_responses(400, 401, 404, 413, 422, 429, 503, 504)
 
 
 def _adapter_for(service: Service, model: str) -> str | None:
@@ -45,7 +47,11 @@ def _adapter_for(service: Service, model: str) -> str | None:
     raise ApiError(404, "not_found", f"model {model!r} does not exist; GET /v1/models lists the base and adapters")
 
 
-def _reason(reason: FinishReason | None) -> str | None:
+@overload
+def _reason(reason: FinishReason) -> OpenAIFinishReason: ...
+@overload
+def _reason(reason: None) -> None: ...
+def _reason(reason: FinishReason | None) -> OpenAIFinishReason | None:
     if reason is None:
         return None
     return "length" if reason is FinishReason.LENGTH else "stop"
@@ -109,7 +115,7 @@ async def completions(body: CompletionRequest, request: Request):
     if not body.stream:
         result = await run_to_completion(handle, request)
         usage = _usage(result)
-        choice = CompletionChoice(text=prefix + result.text, finish_reason=_reason(result.finish_reason))  # type: ignore[arg-type]
+        choice = CompletionChoice(text=prefix + result.text, finish_reason=_reason(result.finish_reason))
         return CompletionResponse(id=cid, created=created, model=body.model, choices=[choice], usage=usage)
     outputs = await stream(handle, request)
 
@@ -121,7 +127,7 @@ async def completions(body: CompletionRequest, request: Request):
             if (error := _stream_error(out)) is not None:
                 yield error
                 break
-            choice = CompletionChoice(text=out.text, finish_reason=_reason(out.finish_reason))  # type: ignore[arg-type]
+            choice = CompletionChoice(text=out.text, finish_reason=_reason(out.finish_reason))
             yield _sse(CompletionResponse(id=cid, created=created, model=body.model, choices=[choice]))
             if out.finished and body.include_usage:
                 usage = _usage_of(out)
@@ -140,12 +146,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if not body.stream:
         result = await run_to_completion(handle, request)
         usage = _usage(result)
-        choice = ChatChoice(message=ChatChoiceMessage(content=result.text), finish_reason=_reason(result.finish_reason))  # type: ignore[arg-type]
+        choice = ChatChoice(message=ChatChoiceMessage(content=result.text), finish_reason=_reason(result.finish_reason))
         return ChatCompletionResponse(id=cid, created=created, model=body.model, choices=[choice], usage=usage)
     outputs = await stream(handle, request)
 
-    def chunk(delta: ChatDelta, reason: str | None = None) -> str:
-        choice = ChatChunkChoice(delta=delta, finish_reason=reason)  # type: ignore[arg-type]
+    def chunk(delta: ChatDelta, reason: OpenAIFinishReason | None = None) -> str:
+        choice = ChatChunkChoice(delta=delta, finish_reason=reason)
         return _sse(ChatCompletionChunk(id=cid, created=created, model=body.model, choices=[choice]))
 
     async def events() -> AsyncIterator[str]:

@@ -1,15 +1,15 @@
 """Request and response bodies of our own API. Every limit a client can hit is declared here, so FastAPI answers 422."""
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.engine.sampling import MAX_STOP_LENGTH, MAX_STOP_STRINGS
+from server.engine.sampling_params import MAX_STOP_LENGTH, MAX_STOP_STRINGS
 
 FinishReasonName = Literal["length", "stop", "eos"]
 # A stream has already answered 200 when something goes wrong, so its last event says so.
 StreamFinishReason = Literal["length", "stop", "eos", "timeout", "error"]
-# Both APIs' stop strings: at most MAX_STOP_STRINGS of at most MAX_STOP_LENGTH characters (see engine.sampling).
+# Both APIs' stop strings: at most MAX_STOP_STRINGS of at most MAX_STOP_LENGTH characters (see engine.sampling_params).
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]
 
 
@@ -78,3 +78,8 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """A route's ``responses=`` for OpenAPI: each of these status codes answers with an ErrorResponse body."""
+    return {code: {"model": ErrorResponse} for code in codes}

@@ -70,7 +70,8 @@ def install(model: PreTrainedModel, context: AttentionContext) -> None:
     found = 0
     for module in model.modules():
         if hasattr(module, "layer_idx") and hasattr(module, "q_proj"):
-            module.lora_server_attention = context
+            # torch's stubs type Module attributes as Tensor | Module; at run time any value can be set.
+            module.lora_server_attention = context  # type: ignore[assignment]
             found += 1
     if found != model.config.num_hidden_layers:
         raise ValueError(f"found {found} attention modules for {model.config.num_hidden_layers} layers")
@@ -99,11 +100,12 @@ def cached_attention(
 
     out[t] = softmax(q[t] . K[row_t, :ctx_t] * scaling) V[row_t, :ctx_t], after writing every token's k/v.
     """
-    context: AttentionContext = module.lora_server_attention
+    context, layer = module.lora_server_attention, module.layer_idx
+    if not isinstance(context, AttentionContext) or not isinstance(layer, int):
+        raise RuntimeError("cached attention ran on a module that install() did not set up")
     meta = context.metadata
     if meta is None:
         raise RuntimeError("cached attention ran without step metadata")
-    layer = module.layer_idx
     cache = context.cache
     if sliding_window is not None and sliding_window < cache.max_len:  # checked at startup by sliding_window_of
         raise NotImplementedError("sliding-window attention shorter than the KV cache is not supported")

@@ -1,42 +1,40 @@
 """The engine: one loop that owns the model and runs every request together, step by step.
 
-``step()`` reads like a table of contents: take new requests, schedule, make adapters resident (inside the
-scheduler's admission), run the model once over the flattened batch, sample, and post-process (detokenize, stop,
-stream, free finished rows).
+``step()`` reads like a table of contents: take new requests, schedule (admission reserves adapter slots), make the
+reserved adapters resident (the device writes), prepare the step's chunks, run the model once over the flattened
+batch, sample, and process the outputs (detokenize, stop, stream, free finished rows; see ``outputs``).
 
-Failures, from the smallest blast radius: a model or sampling error fails that step's batch; any other exception in
-a step fails every request in flight and the loop goes on; ``MAX_FAILED_STEPS`` failing steps in a row, or an
-exception while failing them, stop the engine for good (the watchdog in ``_run``): every request still held gets an
-error, ``running`` turns false (``/ready`` answers 503) and ``submit`` raises ``EngineStoppedError``.
+Submissions reach the steps through ``loop.EngineLoop``, which owns the engine thread and its watchdog (what
+happens when steps fail).
 """
 
 import asyncio
 import itertools
-import logging
-import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
+from server.adapters.checkpoint import AdapterWeights
 from server.engine.detokenizer import IncrementalDetokenizer, StopChecker
-from server.engine.handle import RequestHandle, RequestOutput
-from server.engine.model_runner import AcceleratorOutOfMemory, ModelRunner, SequenceChunk
-from server.engine.request import FinishReason, Sequence, Status
-from server.engine.sampling import INVALID_TOKEN, RowSampler, SamplingParams, sample
-from server.engine.scheduler import Scheduler
-from server.engine.stats import FinishedRecord, finished_record
+from server.engine.errors import RequestError, UnknownAdapterError, step_failure
+from server.engine.handle import RequestHandle
+from server.engine.loop import EngineLoop
+from server.engine.model_runner import ModelRunner, SequenceChunk
+from server.engine.outputs import LiveRequest, OutputProcessor
+from server.engine.request import EngineRequest
+from server.engine.sampling import RowSampler, sample
+from server.engine.sampling_params import SamplingParams
+from server.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from server.engine.stats import FinishedRecord
 from server.lora.prefetch import AdapterPrefetcher
-from server.lora.slot_cache import SlotCache
+from server.lora.slot_cache import CacheStats, SlotCache
 from server.model.lora_model import LoraModel
-
-log = logging.getLogger(__name__)
-
-MAX_FAILED_STEPS = 3  # steps in a row failing outside the model: the engine itself is broken, not one batch
 
 
 @dataclass(frozen=True)
@@ -51,35 +49,6 @@ class EngineConfig:
     max_prompt_tokens: int | None = None  # per-request prompt limit (None: only max_seq_len bounds it)
     max_new_tokens: int | None = None  # per-request generation limit (None: only max_seq_len bounds it)
     request_timeout: float | None = None  # seconds from submission to finish; past it the request ends with TIMEOUT
-
-
-class RequestError(ValueError):
-    """A request the engine cannot take (too long, unknown adapter); the message is for the client."""
-
-
-class UnknownAdapterError(RequestError):
-    """The request names an adapter that is not registered."""
-
-
-class QueueFullError(RuntimeError):
-    """The waiting queue is at its bound; the client should retry later."""
-
-
-class EngineStoppedError(RuntimeError):
-    """The engine loop died after an internal error: this replica serves nothing more (the API answers 503)."""
-
-
-@dataclass(eq=False)
-class _Live:
-    """Per-request post-processing state, owned by the engine thread."""
-
-    seq: Sequence
-    handle: RequestHandle
-    sampler: RowSampler
-    detokenizer: IncrementalDetokenizer
-    stop: StopChecker
-    emitted: int = 0  # characters of text already streamed
-    unsent: str = ""  # generated text not streamed yet: a possible start of a stop string (< the longest stop)
 
 
 class Engine:
@@ -98,9 +67,7 @@ class Engine:
         self.runner = ModelRunner(model, config.max_batch_size, config.max_seq_len, max_tokens)
         # Prefetched reads are host copies besides the CPU tier: --cpu-slots bounds both (one read at least, so a
         # waiting adapter can always be read when the CPU tier is off).
-        self.prefetcher: AdapterPrefetcher = AdapterPrefetcher(
-            lambda name: model.read_adapter(adapter_path(name)), capacity=max(1, config.cpu_slots)
-        )
+        self.prefetcher: AdapterPrefetcher = AdapterPrefetcher(self._read_adapter, capacity=max(1, config.cpu_slots))
         self.slot_cache: SlotCache = SlotCache(model.num_slots, config.cpu_slots, self.prefetcher, model)
         self.scheduler = Scheduler(
             config.max_batch_size,
@@ -110,16 +77,11 @@ class Engine:
             config.starvation_steps,
             adapter_affinity=config.adapter_affinity,
         )
+        self.outputs = OutputProcessor(self.scheduler, _eos_ids(model, tokenizer))
         # Observers (the metrics exporter): called on the engine thread, so they must be quick.
-        self.on_finish: list[Callable[[FinishedRecord], None]] = []
+        self.on_finish: list[Callable[[FinishedRecord], None]] = self.outputs.on_finish
         self.on_step: list[Callable[[int], None]] = []
-        self.eos_ids = _eos_ids(model, tokenizer)
-        self._live: dict[str, _Live] = {}
-        self._inbox: list[_Live] = []
-        self._wake = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self._dead: str | None = None  # why the loop died; set once, under _wake
+        self.engine_loop: EngineLoop[LiveRequest] = EngineLoop(self)
         self._ids = itertools.count()
 
     # ---- submission (any thread) -------------------------------------------------------------------------------
@@ -137,6 +99,24 @@ class Engine:
         ``timeout`` (seconds, default ``config.request_timeout``) bounds the time from now to the last token; a
         request past it finishes with ``FinishReason.TIMEOUT``, whether it was still waiting or running."""
         params = params if params is not None else SamplingParams()
+        self._check(prompt_ids, adapter, params)
+        rid = request_id or f"req-{uuid.uuid4().hex[:12]}-{next(self._ids)}"
+        now = time.monotonic()
+        timeout = timeout if timeout is not None else self.config.request_timeout
+        request = EngineRequest(rid, adapter, list(prompt_ids), params, arrival=now,
+                                deadline=None if timeout is None else now + timeout)  # fmt: skip
+        live = LiveRequest(
+            request,
+            RequestHandle(request, loop),
+            RowSampler(params),
+            IncrementalDetokenizer(self.tokenizer, prompt_ids),
+            StopChecker(params.stop),
+        )
+        self.engine_loop.put(live, self.scheduler.num_waiting, self.config.max_queue)
+        return live.handle
+
+    def _check(self, prompt_ids: Seq[int], adapter: str | None, params: SamplingParams) -> None:
+        """Refuse a request this engine cannot serve, with a message for the client (``RequestError``)."""
         config = self.config
         if not prompt_ids:
             raise RequestError("the prompt is empty")
@@ -158,239 +138,134 @@ class Engine:
                 self.adapter_path(adapter)
             except KeyError:
                 raise UnknownAdapterError(f"unknown adapter {adapter!r}") from None
-        rid = request_id or f"req-{uuid.uuid4().hex[:12]}-{next(self._ids)}"
-        now = time.monotonic()
-        timeout = timeout if timeout is not None else config.request_timeout
-        seq = Sequence(rid, adapter, list(prompt_ids), params, arrival=now,
-                       deadline=None if timeout is None else now + timeout)  # fmt: skip
-        live = _Live(
-            seq,
-            RequestHandle(seq, loop),
-            RowSampler(params),
-            IncrementalDetokenizer(self.tokenizer, prompt_ids),
-            StopChecker(params.stop),
-        )
-        with self._wake:
-            if self._dead is not None:
-                raise EngineStoppedError(self._dead)
-            if len(self._inbox) + self.scheduler.num_waiting >= config.max_queue:
-                raise QueueFullError(f"the queue holds {config.max_queue} waiting requests; retry later")
-            self._inbox.append(live)
-            self._wake.notify()
-        return live.handle
 
-    def queue_length(self) -> int:
-        with self._wake:
-            return len(self._inbox) + self.scheduler.num_waiting
+    def _read_adapter(self, name: str) -> AdapterWeights:
+        """Read adapter ``name`` from disk (loader thread). A read that fails because the adapter was deleted
+        meanwhile (its folder moved away under the reader) raises the registry's KeyError, so its requests end as
+        ADAPTER_DELETED (404), not as a load failure (503)."""
+        folder = self.adapter_path(name)  # KeyError once deleted
+        try:
+            return self.model.read_adapter(folder)
+        except Exception:
+            self.adapter_path(name)
+            raise
 
     def forget_adapter(self, name: str) -> None:
         """The adapter was deleted: drop its host copies; its slot is cleared once running requests release it."""
         self.prefetcher.forget(name)
         self.slot_cache.invalidate(name)
 
+    # ---- read-only views (any thread), for /ready, metrics and the adapter API ----------------------------------
+    def queue_length(self) -> int:
+        return self.engine_loop.queued() + self.scheduler.num_waiting
+
+    @property
+    def num_running(self) -> int:
+        return self.scheduler.num_running
+
+    @property
+    def cache_stats(self) -> CacheStats:
+        return self.slot_cache.stats
+
+    def adapter_tier(self, name: str) -> str:
+        """Where adapter ``name`` is now: "gpu" (in a slot), "cpu" (a host copy) or "disk"."""
+        return self.slot_cache.tier(name)
+
+    def resident_counts(self) -> tuple[int, int]:
+        """(adapters in a slot, host copies in the CPU tier)."""
+        return self.slot_cache.tier_counts()
+
     # ---- the step (engine thread) ------------------------------------------------------------------------------
     def step(self) -> int:
         """Run one engine iteration; returns the number of tokens processed (0 when idle)."""
-        self._take_inbox()
+        self._take_new_requests()
         plan = self.scheduler.schedule()
-        for seq in plan.aborted:
-            self._finish_aborted(seq)
-        for observe in self.on_step:
-            observe(plan.num_tokens)
+        self._make_adapters_resident(plan)
+        self.outputs.finish_aborted(plan.aborted)
+        self._observe(plan)
         if not plan.scheduled:
             return 0
-        chunks = []
-        for item in plan.scheduled:
-            seq = item.seq
-            end = seq.num_computed + item.num_tokens
-            chunks.append(
-                SequenceChunk(seq.row, seq.slot, seq.token_slice(seq.num_computed, end), seq.num_computed,
-                              needs_logits=end == seq.num_tokens)
-            )  # fmt: skip
-        needing = [item.seq for item, chunk in zip(plan.scheduled, chunks, strict=True) if chunk.needs_logits]
+        chunks, needing = self._prepare(plan.scheduled)
         try:
-            logits = self.runner.run(chunks)
-            tokens = sample(logits, [self._live[s.request_id].sampler for s in needing])
+            tokens = self._sample(self.runner.run(chunks), needing)
         except Exception as exc:  # noqa: BLE001 - fail this batch's requests, keep serving
-            if isinstance(exc, AcceleratorOutOfMemory):
-                log.warning("out of accelerator memory in a step of %d tokens: failing its requests", plan.num_tokens)
-                error = f"out of accelerator memory ({exc}); retry later or with a shorter request"
-            else:
-                log.exception("model step failed")
-                error = f"model error: {exc}"
-            for item in plan.scheduled:
-                self._finish(self._live[item.seq.request_id], FinishReason.ERROR, error=error)
+            self.outputs.fail([item.req for item in plan.scheduled], step_failure(exc, plan.num_tokens))
             return 0
-        for item in plan.scheduled:
-            item.seq.num_computed += item.num_tokens
-        for seq, token in zip(needing, tokens, strict=True):
-            if token == INVALID_TOKEN:
-                error = "the model produced non-finite scores for this request (NaN or infinite logits)"
-                self._finish(self._live[seq.request_id], FinishReason.ERROR, error=error)
-            else:
-                self._append_token(self._live[seq.request_id], token)
+        self._advance(plan.scheduled)
+        self.outputs.process(needing, tokens)
         return plan.num_tokens
 
+    def _take_new_requests(self) -> None:
+        for live in self.engine_loop.take():
+            self.outputs.add(live)
+            self.scheduler.add(live.request)
+
+    def _make_adapters_resident(self, plan: SchedulerOutput) -> None:
+        """Write the adapters admission reserved into their slots; a failed write fails the requests that needed it."""
+        failed = self.slot_cache.make_resident()
+        if failed:
+            self.scheduler.drop_failed_loads(plan, failed)
+
+    def _observe(self, plan: SchedulerOutput) -> None:
+        for observe in self.on_step:
+            observe(plan.num_tokens)
+
+    @staticmethod
+    def _prepare(scheduled: Seq[ScheduledRequest]) -> tuple[list[SequenceChunk], list[EngineRequest]]:
+        """The model runner's chunks for this step, and the requests that get a token (their prompt is complete)."""
+        chunks = []
+        needing = []
+        for item in scheduled:
+            req = item.req
+            assert req.row is not None and req.slot is not None, "a scheduled request holds a row and a slot"
+            end = req.num_computed + item.num_tokens
+            last = end == req.num_tokens
+            chunks.append(SequenceChunk(req.row, req.slot, req.token_slice(req.num_computed, end), req.num_computed,
+                                        needs_logits=last))  # fmt: skip
+            if last:
+                needing.append(req)
+        return chunks, needing
+
+    def _sample(self, logits: torch.Tensor, needing: Seq[EngineRequest]) -> list[int]:
+        return sample(logits, self.outputs.samplers(needing))
+
+    @staticmethod
+    def _advance(scheduled: Seq[ScheduledRequest]) -> None:
+        for item in scheduled:
+            item.req.num_computed += item.num_tokens
+
+    # ---- what the loop drives (engine thread) ------------------------------------------------------------------
+    def busy(self) -> bool:
+        return self.scheduler.has_work()
+
     def has_work(self) -> bool:
-        with self._wake:
-            return bool(self._inbox) or self.scheduler.has_work()
+        return self.engine_loop.has_work()
 
-    def _take_inbox(self) -> None:
-        with self._wake:
-            new, self._inbox = self._inbox, []
-        for live in new:
-            self._live[live.seq.request_id] = live
-            self.scheduler.add(live.seq)
+    def fail_all(self, error: str) -> None:
+        """Finish every request the engine holds with an error (after an unexpected failure in a step)."""
+        self._take_new_requests()
+        self.outputs.fail_all(error)
 
-    def _append_token(self, live: _Live, token: int) -> None:
-        seq = live.seq
-        now = time.monotonic()
-        if not seq.output_ids:
-            seq.first_token_at = now
-        seq.output_ids.append(token)
-        # Only the new delta and the held-back tail are looked at: the cost of a token does not grow with the text.
-        delta = live.detokenizer.add(token)
-        live.unsent += delta
-        reason: FinishReason | None = None
-        stop_at = live.stop.feed(delta)  # index in the whole text; never before what was streamed (held back)
-        if stop_at is not None:
-            reason = FinishReason.STOP
-        elif token in self.eos_ids and not seq.params.ignore_eos:
-            reason = FinishReason.EOS
-        elif len(seq.output_ids) >= seq.params.max_new_tokens:
-            reason = FinishReason.LENGTH
-        if reason is None:
-            safe = len(live.unsent) - live.stop.holdback
-            out, live.unsent = live.unsent[:safe], live.unsent[safe:]
-            live.emitted += safe
-            live.handle._push(RequestOutput(seq.request_id, (token,), out))
-            return
-        if stop_at is not None:
-            rest = live.unsent[: stop_at - live.emitted]
-        else:
-            rest = live.unsent + live.detokenizer.flush()
-        self._finish(live, reason, last_token=token, rest=rest)
+    def abandon_all(self, inbox: Iterable[LiveRequest], error: str) -> None:
+        self.outputs.abandon_all(inbox, error)
 
-    def _finish(
-        self,
-        live: _Live,
-        reason: FinishReason,
-        last_token: int | None = None,
-        rest: str | None = None,
-        error: str | None = None,
-    ) -> None:
-        """End ``live``: free its row and pin, stream ``rest`` (default: the held-back text) and the final event."""
-        seq = live.seq
-        self.scheduler.finish(seq, reason, error)
-        delta = rest if rest is not None else live.unsent
-        live.emitted, live.unsent = live.emitted + len(delta), ""
-        # The client hears first: an observer that fails must not leave this request without its final event.
-        live.handle._push(
-            RequestOutput(
-                seq.request_id,
-                (last_token,) if last_token is not None else (),
-                delta,
-                finished=True,
-                finish_reason=reason,
-                prompt_tokens=len(seq.prompt_ids),
-                completion_tokens=len(seq.output_ids),
-                error=error,
-            )
-        )
-        self._live.pop(seq.request_id, None)
-        record = finished_record(seq)
-        for observe in self.on_finish:
-            observe(record)
-
-    def _finish_aborted(self, seq: Sequence) -> None:
-        live = self._live.get(seq.request_id)
-        if live is not None:
-            assert seq.finish_reason is not None
-            self._finish(live, seq.finish_reason, error=seq.error)
-
-    # ---- the loop (a background thread) ------------------------------------------------------------------------
+    # ---- lifetime ----------------------------------------------------------------------------------------------
     def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
-        self._thread.start()
+        self.engine_loop.start()
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        with self._wake:
-            self._stopping = True
-            self._wake.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        self.engine_loop.shutdown(timeout)
         self.prefetcher.close()
 
     @property
     def running(self) -> bool:
         """The loop is serving: started, alive and not stopped by the watchdog."""
-        return self._thread is not None and self._thread.is_alive() and self._dead is None
+        return self.engine_loop.running
 
     @property
     def stopped_reason(self) -> str | None:
         """Why the watchdog stopped the engine, or None while it has not."""
-        return self._dead
-
-    def _run(self) -> None:
-        """The loop, under the watchdog: whatever ends it other than ``shutdown``, nobody is left waiting."""
-        try:
-            self._loop()
-        except BaseException as exc:  # noqa: BLE001 - the last line of defence of every waiting client
-            log.critical("the engine loop died; failing every request and refusing new ones", exc_info=True)
-            self._stop_for_good(f"the engine stopped after an internal error ({type(exc).__name__}: {exc})")
-
-    def _loop(self) -> None:
-        failed_steps = 0
-        while True:
-            with self._wake:
-                while not self._stopping and not self._inbox and not self.scheduler.has_work():
-                    self._wake.wait()
-                if self._stopping:
-                    return
-            try:
-                idle = self.step() == 0
-                failed_steps = 0
-            except Exception as exc:  # noqa: BLE001 - the loop survives one failure; the requests in flight cannot
-                failed_steps += 1
-                if failed_steps >= MAX_FAILED_STEPS:
-                    raise  # the same failure again and again: the engine is broken, let the watchdog stop it
-                log.exception("engine step failed")
-                self._fail_all(f"engine error: {exc}")
-                continue
-            if idle and self.scheduler.has_work():
-                time.sleep(0.001)  # everything waits on an adapter read: do not spin
-
-    def _stop_for_good(self, error: str) -> None:
-        """Refuse new requests, then give every request still held its final event, an error (the API's 503).
-
-        Touches no scheduler or detokenizer state: whatever failed may be broken."""
-        with self._wake:
-            self._dead = error
-            held, self._inbox = [*self._inbox, *self._live.values()], []
-        self._live = {}
-        for live in held:
-            seq = live.seq
-            seq.status, seq.finish_reason, seq.error = Status.FINISHED, FinishReason.ERROR, error
-            try:
-                live.handle._push(RequestOutput(seq.request_id, (), "", finished=True,
-                                                finish_reason=FinishReason.ERROR, prompt_tokens=len(seq.prompt_ids),
-                                                completion_tokens=len(seq.output_ids), error=error))  # fmt: skip
-            except Exception:  # noqa: BLE001 - one broken handle must not keep the others waiting
-                log.exception("could not fail request %s", seq.request_id)
-
-    def _fail_all(self, error: str) -> None:
-        """Finish every request the engine holds with an error (after an unexpected failure in a step)."""
-        self._take_inbox()
-        for live in list(self._live.values()):  # every request here still waits for its final event
-            seq = live.seq
-            if seq.finish_reason is None:
-                self._finish(live, FinishReason.ERROR, error=error)
-            else:  # the scheduler had finished it (cancelled, timed out) but the failure came before it was told
-                self._finish(live, seq.finish_reason, error=seq.error)
+        return self.engine_loop.stopped_reason
 
 
 def _eos_ids(model: LoraModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:

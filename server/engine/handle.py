@@ -2,10 +2,10 @@
 
 import asyncio
 import queue
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 
-from server.engine.request import FinishReason, Sequence
+from server.engine.request import EngineRequest, FinishReason
 
 
 @dataclass(frozen=True)
@@ -38,24 +38,25 @@ class RequestResult:
 class RequestHandle:
     """Delivers a request's outputs to a synchronous reader or, when made with an event loop, to an async one.
 
-    The engine thread calls ``_push``; events cross to the event loop with ``call_soon_threadsafe``.
+    The engine thread calls ``deliver``; events cross to the event loop with ``call_soon_threadsafe``.
     """
 
-    def __init__(self, seq: Sequence, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        self.seq = seq
+    def __init__(self, request: EngineRequest, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.request = request
         self._loop = loop
         self._async: asyncio.Queue[RequestOutput] | None = asyncio.Queue() if loop is not None else None
         self._sync: queue.Queue[RequestOutput] = queue.Queue()
 
     @property
     def request_id(self) -> str:
-        return self.seq.request_id
+        return self.request.request_id
 
     def cancel(self) -> None:
         """Leave the batch at the next step; the KV row and adapter pin are released then."""
-        self.seq.cancelled = True
+        self.request.cancelled = True
 
-    def _push(self, output: RequestOutput) -> None:
+    def deliver(self, output: RequestOutput) -> None:
+        """Hand ``output`` to the reader (engine thread); a closed event loop cancels the request."""
         if self._loop is None or self._async is None:
             self._sync.put(output)
             return
@@ -71,7 +72,7 @@ class RequestHandle:
             if output.finished:
                 return
 
-    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+    async def __aiter__(self) -> AsyncGenerator[RequestOutput, None]:
         assert self._async is not None, "this handle was made without an event loop"
         try:
             while True:
@@ -80,7 +81,7 @@ class RequestHandle:
                 if output.finished:
                     return
         finally:
-            if not self.seq.finish_reason:
+            if not self.request.finish_reason:
                 self.cancel()  # the consumer stopped reading (client disconnected): free the row
 
     def result(self) -> RequestResult:

@@ -1,6 +1,7 @@
 """The KV cache: preallocated once at startup, one row per running sequence, written by position."""
 
 import torch
+from transformers import PretrainedConfig
 
 
 class KVCache:
@@ -39,7 +40,9 @@ class KVCache:
         self.v[layer][rows, :, positions] = v
 
     @staticmethod
-    def for_model(config: object, max_rows: int, max_len: int, dtype: torch.dtype, device: torch.device) -> "KVCache":
+    def for_model(
+        config: PretrainedConfig, max_rows: int, max_len: int, dtype: torch.dtype, device: torch.device
+    ) -> "KVCache":
         """Size the cache from a Hugging Face decoder config (Llama-family field names)."""
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads

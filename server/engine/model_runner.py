@@ -6,14 +6,11 @@ from dataclasses import dataclass
 import torch
 
 from server.engine.attention import AttentionContext, AttentionMetadata, PrefillSegment, install, sliding_window_of
+from server.engine.errors import AcceleratorOutOfMemory
 from server.engine.kv_cache import KVCache
-from server.lora.mapping import TokenSlotMapping
+from server.kernels.mapping import TokenSlotMapping
 from server.model.lora_model import LoraModel
 from server.model.packed_linear import warm_up
-
-
-class AcceleratorOutOfMemory(RuntimeError):
-    """A step ran out of device memory; the runner released its cached blocks and the next step may run."""
 
 
 @dataclass(frozen=True)
@@ -104,9 +101,9 @@ class ModelRunner:
         position_ids = torch.tensor([positions], dtype=torch.int64, device=device)
         keep.sort()
         keep_index = torch.tensor([t for _, t in keep], dtype=torch.int64, device=device)
-        mapping = TokenSlotMapping.build(slots, device, allow_short=self.lora_model.short_grid)
+        lora_step = self.lora_model.prepare(TokenSlotMapping.build(slots, device))  # the active op's metadata
         try:
-            with self.lora_model.using(mapping):
+            with self.lora_model.using(lora_step):
                 out = self.model(
                     input_ids=input_ids,
                     position_ids=position_ids,

@@ -3,7 +3,7 @@
 import enum
 from dataclasses import dataclass, field
 
-from server.engine.sampling import SamplingParams
+from server.engine.sampling_params import SamplingParams
 
 
 class FinishReason(enum.StrEnum):
@@ -23,7 +23,7 @@ class Status(enum.Enum):
 
 
 @dataclass(eq=False)
-class Sequence:
+class EngineRequest:
     """One request's state. ``num_computed`` tokens of ``prompt_ids + output_ids`` have their K/V in the cache."""
 
     request_id: str

@@ -1,11 +1,11 @@
 """Per-request timings for metrics (queue, first token, per output token, end to end), by adapter.
 
-Queue length and running batch size are read from the scheduler; tokens per step go to the engine's ``on_step``
+Queue length and running batch size are read from the engine; tokens per step go to the engine's ``on_step``
 observers."""
 
 from dataclasses import dataclass
 
-from server.engine.request import Sequence
+from server.engine.request import EngineRequest
 
 
 @dataclass(frozen=True)
@@ -22,18 +22,18 @@ class FinishedRecord:
     e2e_seconds: float | None  # arrival -> finished
 
 
-def finished_record(seq: Sequence) -> FinishedRecord:
+def finished_record(req: EngineRequest) -> FinishedRecord:
     """The timings of a finished request, for the metrics observers."""
-    assert seq.finish_reason is not None and seq.finished_at is not None
-    first = seq.first_token_at
-    n = len(seq.output_ids)
+    assert req.finish_reason is not None and req.finished_at is not None
+    first = req.first_token_at
+    n = len(req.output_ids)
     return FinishedRecord(
-        adapter=seq.adapter,
-        finish_reason=seq.finish_reason.value,
-        prompt_tokens=len(seq.prompt_ids),
+        adapter=req.adapter,
+        finish_reason=req.finish_reason.value,
+        prompt_tokens=len(req.prompt_ids),
         completion_tokens=n,
-        queue_seconds=None if seq.admitted_at is None else seq.admitted_at - seq.arrival,
-        ttft_seconds=None if first is None else first - seq.arrival,
-        tpot_seconds=None if first is None or n < 2 else (seq.finished_at - first) / (n - 1),
-        e2e_seconds=seq.finished_at - seq.arrival,
+        queue_seconds=None if req.admitted_at is None else req.admitted_at - req.arrival,
+        ttft_seconds=None if first is None else first - req.arrival,
+        tpot_seconds=None if first is None or n < 2 else (req.finished_at - first) / (n - 1),
+        e2e_seconds=req.finished_at - req.arrival,
     )

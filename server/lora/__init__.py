@@ -1,1 +1,1 @@
-"""LoRA adapters: PEFT checkpoint reading and validation, slot cache, per-step token->slot mapping, layers, ops."""
+"""Where an adapter lives: the accelerator slots and their cache, prefetch, the wrapped linear layer."""

@@ -2,7 +2,10 @@
 
 Tiers, fastest first: ``num_slots`` accelerator slots (``adapter_slots``; ``BASE_SLOT`` is never used here), an LRU
 of at most ``cpu_capacity`` host copies, and disk (the ``AdapterSource``), the source of truth. A running request
-pins the slot it got from ``acquire`` and unpins it with ``release``; a pinned slot is never evicted or overwritten.
+pins the slot it got from ``reserve`` and unpins it with ``release``; a pinned slot is never evicted or overwritten.
+
+Deciding and writing are apart: ``reserve`` (the scheduler's admission) picks and pins the slot and plans the device
+write; ``make_resident`` (the engine, before the step runs) does the planned clears and writes through the backend.
 
 A miss reads and validates the new adapter before it evicts anything, so a bad adapter costs the cache nothing, and
 eviction clears the slot so that no stale weights linger on the device. Torch-free: the weights type ``W`` is opaque
@@ -12,13 +15,17 @@ here and only the injected ``SlotBackend`` touches the device.
 import heapq
 import threading
 import time
-from collections import Counter, OrderedDict
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, Literal, Protocol, TypeVar
 
-from server.lora.errors import NoFreeSlotError
-from server.lora.slots import adapter_slots
+from server.kernels.slots import adapter_slots
+
+
+class NoFreeSlotError(RuntimeError):
+    """Every accelerator slot is pinned by a running request; the caller must wait and retry."""
+
 
 W = TypeVar("W")  # the host copy of an adapter's weights, opaque here
 W_co = TypeVar("W_co", covariant=True)
@@ -80,57 +87,84 @@ class SlotCache(Generic[W]):
         self._backend = backend
         self._clock = clock
         self.stats = CacheStats()
-        # Reentrant so that acquire_many can call the per-name helpers under the same lock. The lock is held during
-        # source.read for now: simple and correct, but it stalls other callers; later the engine moves loads off
-        # the critical path (load on a worker, then install under the lock).
+        # The lock is held during source.read for now: simple and correct, but it stalls other callers; later the
+        # engine moves loads off the critical path (load on a worker, then install under the lock).
         self._lock = threading.RLock()
         self._free = list(adapter_slots(num_slots))  # a heap: the lowest free slot is used first (deterministic)
         self._occupants: OrderedDict[int, _Occupant] = OrderedDict()  # slot -> occupant, least recently used first
         self._live: dict[str, int] = {}  # name -> its current (non-stale) slot
         self._host: OrderedDict[str, W] = OrderedDict()  # name -> host copy, least recently used first
+        self._pending: dict[int, tuple[W, bool]] = {}  # slot -> (weights to write, clear the slot first)
 
     @property
     def num_slots(self) -> int:
         return self._num_slots
 
     def acquire(self, name: str) -> int:
-        """Make ``name`` resident in a slot, pin it once and return the slot.
+        """``reserve`` then ``make_resident`` at once: ``name`` is in its slot on return.
+
+        Raises like ``reserve``, and re-raises a failed slot write (that slot is then cleared and left free).
+        """
+        with self._lock:
+            slot = self.reserve(name)
+            error = self.make_resident().get(slot)
+            if error is not None:
+                self._unpin(name, slot)
+                raise error
+            return slot
+
+    def reserve(self, name: str) -> int:
+        """Pin ``name`` once in a slot and return the slot; a miss plans the device write for ``make_resident``.
 
         Raises ``NoFreeSlotError`` (having read nothing) when every slot is pinned, and re-raises a failed read
-        (having changed nothing) or a failed slot write (that slot is then cleared and left free).
+        (having changed nothing).
         """
         with self._lock:
-            return self._acquire(name)
+            slot = self._live.get(name)
+            if slot is not None:
+                self._occupants[slot].pins += 1
+                self._occupants.move_to_end(slot)
+                self.stats.hits += 1
+                return slot
+            if not self._free and self._victim() is None:
+                raise NoFreeSlotError(f"all {self._num_slots} adapter slots are pinned by running requests")
+            self.stats.misses += 1
+            weights = self._host_copy(name)  # may raise: nothing has been evicted yet
+            evicted = not self._free
+            if evicted:
+                slot = self._victim()
+                assert slot is not None, "an evictable slot vanished while the lock was held"
+                self._vacate(slot, clear=False)  # cleared by make_resident, just before the write
+                self.stats.evictions += 1
+            else:
+                slot = heapq.heappop(self._free)
+            self._pending[slot] = (weights, evicted)
+            self._occupants[slot] = _Occupant(name, pins=1)
+            self._live[name] = slot
+            return slot
 
-    def acquire_many(self, names: Sequence[str]) -> list[int]:
-        """All-or-nothing ``acquire`` of every entry of ``names``; returns their slots in the same order.
+    def make_resident(self) -> dict[int, Exception]:
+        """Do the device writes ``reserve`` planned; returns slot -> error for each write that failed.
 
-        Each entry is pinned once (a repeated name is pinned once per occurrence and released once per occurrence).
-        Raises ``NoFreeSlotError`` before changing anything when the distinct names cannot all be resident at once.
-        Never evicts one of ``names``. On a failed load the pins taken so far are released and the error re-raised;
-        adapters already loaded stay resident, unpinned.
+        A failed slot is cleared and its adapter is no longer resident there; the requests that reserved it release
+        it as usual, and the last release frees it.
         """
         with self._lock:
-            distinct = list(dict.fromkeys(names))
-            needed = sum(1 for name in distinct if name not in self._live)
-            spare = len(self._free) + sum(1 for o in self._occupants.values() if o.pins == 0 and o.name not in distinct)
-            if len(distinct) > self._num_slots or needed > spare:
-                raise NoFreeSlotError(
-                    f"a batch needs {len(distinct)} adapters resident at once ({needed} to load) but only {spare} "
-                    f"of the {self._num_slots} adapter slots are free or unpinned"
-                )
-            # Pin the resident ones first: the loads that follow then cannot evict a member of this batch.
-            taken: dict[str, int] = {}
-            try:
-                for name in sorted(distinct, key=lambda n: n not in self._live):
-                    taken[name] = self._acquire(name)
-            except Exception:
-                for name, slot in taken.items():
-                    self._unpin(name, slot)
-                raise
-            for name, count in Counter(names).items():
-                self._occupants[taken[name]].pins += count - 1
-            return [taken[name] for name in names]
+            pending, self._pending = self._pending, {}
+            failed: dict[int, Exception] = {}
+            for slot, (weights, clear_first) in pending.items():
+                if clear_first:
+                    self._backend.clear_slot(slot)
+                start = self._clock()
+                try:
+                    self._backend.write_slot(slot, weights)
+                except Exception as exc:  # noqa: BLE001 - reported to the caller, which fails the slot's requests
+                    self.stats.load_failures += 1
+                    failed[slot] = exc
+                    self._drop_failed(slot)
+                    continue
+                self.stats.load_seconds += self._clock() - start
+            return failed
 
     def release(self, name: str, slot: int | None = None) -> None:
         """Unpin one earlier ``acquire`` of ``name``; ``slot`` is the slot that acquire returned.
@@ -148,16 +182,6 @@ class SlotCache(Generic[W]):
             if slot is None or slot not in pinned:
                 raise ValueError(f"adapter {name!r} is not pinned" + ("" if slot is None else f" in slot {slot}"))
             self._unpin(name, slot)
-
-    def slot_of(self, name: str) -> int | None:
-        """The slot a new ``acquire(name)`` would hit, or None (a stale slot being drained does not count)."""
-        with self._lock:
-            return self._live.get(name)
-
-    def pin_count(self, name: str) -> int:
-        """Unreleased acquires of ``name``, summed over its current slot and a stale one still in use."""
-        with self._lock:
-            return sum(occ.pins for occ in self._occupants.values() if occ.name == name)
 
     def tier(self, name: str) -> Literal["gpu", "cpu", "disk"]:
         """The fastest tier a new ``acquire(name)`` finds it in ("gpu" names the slot tier on any device)."""
@@ -194,37 +218,17 @@ class SlotCache(Generic[W]):
             else:
                 occ.stale = True
 
-    def _acquire(self, name: str) -> int:
-        slot = self._live.get(name)
-        if slot is not None:
-            self._occupants[slot].pins += 1
-            self._occupants.move_to_end(slot)
-            self.stats.hits += 1
-            return slot
-        if not self._free and self._victim() is None:
-            raise NoFreeSlotError(f"all {self._num_slots} adapter slots are pinned by running requests")
-        self.stats.misses += 1
-        weights = self._host_copy(name)  # may raise: nothing has been evicted yet
-        if self._free:
-            slot = heapq.heappop(self._free)
-        else:
-            slot = self._victim()
-            assert slot is not None, "an evictable slot vanished while the lock was held"
+    def _drop_failed(self, slot: int) -> None:
+        """A write into ``slot`` failed: clear it now (a half-written slot must not be mistaken for an adapter or
+        leak into the next occupant) and hand it to no new reservation; its last release frees it."""
+        self._backend.clear_slot(slot)
+        occ = self._occupants[slot]
+        if self._live.get(occ.name) == slot:
+            del self._live[occ.name]
+        occ.stale = True
+        if occ.pins == 0:  # its reservations were all released before the write
             self._vacate(slot)
-            self.stats.evictions += 1
-        start = self._clock()
-        try:
-            self._backend.write_slot(slot, weights)
-        except Exception:
-            self.stats.load_failures += 1
-            # A half-written slot must not be mistaken for an adapter or leak into the next occupant.
-            self._backend.clear_slot(slot)
             heapq.heappush(self._free, slot)
-            raise
-        self.stats.load_seconds += self._clock() - start
-        self._occupants[slot] = _Occupant(name, pins=1)
-        self._live[name] = slot
-        return slot
 
     def _host_copy(self, name: str) -> W:
         """The host copy of ``name``: from the CPU tier, else read from disk and kept in the CPU tier."""
@@ -251,11 +255,14 @@ class SlotCache(Generic[W]):
         """The least recently used unpinned slot (stale slots are always pinned, so never chosen)."""
         return next((slot for slot, occ in self._occupants.items() if occ.pins == 0), None)
 
-    def _vacate(self, slot: int) -> None:
-        """Clear ``slot`` on the device and forget its occupant; the caller reuses the slot or frees it."""
+    def _vacate(self, slot: int, clear: bool = True) -> None:
+        """Clear ``slot`` on the device (unless the caller has it cleared later) and forget its occupant and any
+        write planned for it; the caller reuses the slot or frees it."""
         occ = self._occupants[slot]
         assert occ.pins == 0, f"vacating pinned slot {slot} ({occ.name!r})"
-        self._backend.clear_slot(slot)
+        self._pending.pop(slot, None)
+        if clear:
+            self._backend.clear_slot(slot)
         del self._occupants[slot]
         if self._live.get(occ.name) == slot:
             del self._live[occ.name]

@@ -47,7 +47,8 @@ def load_base_model(path: str | os.PathLike[str], device: str = "auto", dtype: s
     model = AutoModelForCausalLM.from_pretrained(
         folder, config=config, dtype=torch_dtype, local_files_only=True, device_map=None
     )
-    model.to(torch_device)
+    # transformers wraps PreTrainedModel.to with functools.wraps, whose stub loses the bound `self`.
+    model.to(torch_device)  # type: ignore[arg-type]
     model.eval()
     model.requires_grad_(False)
     return model

@@ -1,23 +1,23 @@
 """``LoraModel``: the frozen base model with every LoRA-targetable linear wrapped by a ``BatchedLoraLinear``.
 
 It is the slot cache's backend (``write_slot``/``clear_slot``) and the one place that turns an adapter's host copy
-into slot contents. Callers pick each token's slot with a ``TokenSlotMapping`` per forward pass.
+into slot contents. Callers pick each token's slot with a ``TokenSlotMapping`` per forward pass; ``prepare`` turns
+it into the active op's metadata once per step and ``using`` publishes that to the wrapped layers.
 """
 
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
 
-import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from server.lora.checkpoint import AdapterWeights, TargetableModules, read_adapter
+from server.adapters.checkpoint import AdapterWeights, TargetableModules, read_adapter
+from server.kernels.mapping import TokenSlotMapping
+from server.kernels.select import LORA_OPS, select_op
+from server.kernels.slots import adapter_slots
+from server.lora.context import LoraContext, LoraStep
 from server.lora.layers import BatchedLoraLinear
-from server.lora.mapping import LoraContext, TokenSlotMapping
-from server.lora.ops import LORA_OPS, lora_add_grouped, select_op
-from server.lora.slots import adapter_slots
 from server.model.packed_linear import pack_linears
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -43,10 +43,8 @@ class LoraModel:
         self.device = model.device
         self.dtype = model.dtype
         self.context = LoraContext()
-        lora_op = select_op(op, self.device, self.dtype)
-        self.op_name = next(name for name, fn in LORA_OPS.items() if fn is lora_op)
-        # Only the grouped torch op reads the short-run grid; the others would pay for building it every step.
-        self.short_grid = lora_op is lora_add_grouped
+        self.op = select_op(op, self.device, self.dtype)  # chosen once; only this op builds per-step metadata
+        self.op_name = next(name for name, candidate in LORA_OPS.items() if candidate is self.op)
         output_head = model.get_output_embeddings()
         module_names = tuple(name for name, _ in model.named_modules() if name)
         linear_names = tuple(
@@ -59,7 +57,7 @@ class LoraModel:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             base = getattr(parent, child)
-            layer = BatchedLoraLinear(base, num_slots, max_rank, self.context, lora_op)
+            layer = BatchedLoraLinear(base, num_slots, max_rank, self.context, self.op)
             setattr(parent, child, layer)
             self.layers[name] = layer
         if not self.layers:
@@ -94,17 +92,18 @@ class LoraModel:
     def slots(self) -> range:
         return adapter_slots(self.num_slots)
 
+    def prepare(self, mapping: TokenSlotMapping | None) -> LoraStep | None:
+        """The active op's metadata for one step, built once for every wrapped layer; None when no token uses an
+        adapter (the layers then skip the LoRA add)."""
+        if mapping is None or not mapping.runs:
+            return None
+        return LoraStep(mapping.num_tokens, self.op.prepare(mapping))
+
     @contextmanager
-    def using(self, mapping: TokenSlotMapping | None) -> Iterator[None]:
-        """Run the forward passes inside the block with ``mapping`` (None = base model for every token)."""
-        self.context.set(mapping)
+    def using(self, step: LoraStep | None) -> Iterator[None]:
+        """Run the forward passes inside the block with ``step`` (None = base model for every token)."""
+        self.context.set(step)
         try:
             yield
         finally:
             self.context.clear()
-
-    @torch.inference_mode()
-    def logits(self, input_ids: torch.Tensor, mapping: TokenSlotMapping | None, **kwargs: Any) -> torch.Tensor:
-        """One forward pass: input_ids [B, L] -> logits [B, L, vocab]; token (b, l) is mapping entry b * L + l."""
-        with self.using(mapping):
-            return self.model(input_ids=input_ids, use_cache=False, **kwargs).logits

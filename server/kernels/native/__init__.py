@@ -1,0 +1,1 @@
+"""The batched LoRA add on CPU by a C kernel built on first use (``lora_runs.c``)."""

@@ -1,0 +1,157 @@
+"""Builds the C LoRA kernel (``lora_runs.c``) once per machine and loads it with ctypes.
+
+The kernel is compiled for the CPU it runs on (``-march=native``), so it is built on first use rather than shipped:
+a few seconds with the system C compiler, cached under ``<cache dir>/kernels/`` by a key of the source, the
+compiler, the flags and the CPU's feature flags (a cache volume moved to a different CPU gets a new build instead
+of an illegal instruction). The build writes to a temporary file and renames it into place, so concurrent
+builders never load a half-written library.
+
+Threads: built with OpenMP and linked against the ``libgomp`` that ships inside torch, the kernel shares torch's
+own thread pool (two OpenMP runtimes in one process would each keep spinning threads). Where that library is not
+there, or the compiler lacks OpenMP or ``-march=native``, the next flag set down is tried; the last one is plain
+``-O3``. No compiler at all raises ``NativeBuildError``, and the caller falls back to the torch op.
+"""
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.paths import default_cache_dir
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "lora_runs.c"
+BUILD_TIMEOUT_S = 120
+
+
+class NativeBuildError(RuntimeError):
+    """The kernel could not be compiled here (no compiler, or every flag set failed)."""
+
+
+@dataclass(frozen=True)
+class NativeLibrary:
+    """The loaded kernel: ``lora_add_runs_f32`` with its ctypes signature set, and how it was built."""
+
+    path: Path
+    flags: tuple[str, ...]
+    threaded: bool
+    lora_add_runs_f32: Callable[..., int]
+
+
+def _torch_lib_dir() -> Path | None:
+    """torch's bundled ``lib`` folder when it holds the libgomp torch itself uses (Linux wheels), found without
+    importing torch."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    lib = Path(next(iter(spec.submodule_search_locations))) / "lib"
+    return lib if (lib / "libgomp.so.1").is_file() else None
+
+
+def flag_sets() -> list[tuple[tuple[str, ...], bool]]:
+    """Compiler flag sets to try, best first, each with whether it gives a threaded kernel."""
+    common = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-Wall", "-Wno-unknown-pragmas")
+    sets: list[tuple[tuple[str, ...], bool]] = []
+    if (torch_lib := _torch_lib_dir()) is not None:
+        openmp = ("-fopenmp", f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}")
+        sets.append(((*common, "-march=native", *openmp), True))
+    sets.append(((*common, "-march=native"), False))
+    sets.append((common, False))
+    return sets
+
+
+def _cpu_signature() -> str:
+    """The CPU's model and feature flags (what ``-march=native`` compiles for)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            lines = [line for line in f if line.startswith(("flags", "Features", "model name"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+
+
+def find_compiler() -> str | None:
+    """``$CC``, else the first of cc, gcc, clang on PATH."""
+    if cc := os.environ.get("CC"):
+        return shutil.which(cc)
+    return next((path for name in ("cc", "gcc", "clang") if (path := shutil.which(name))), None)
+
+
+def build(cache_dir: str | os.PathLike[str] | None = None) -> tuple[Path, tuple[str, ...], bool]:
+    """Path of the built library (building it unless cached), the flags it was built with, and whether it is
+    threaded. Raises ``NativeBuildError`` when no flag set compiles."""
+    compiler = find_compiler()
+    if compiler is None:
+        raise NativeBuildError("no C compiler found (set CC, or install gcc or clang)")
+    try:
+        version = subprocess.run(
+            [compiler, "--version"], capture_output=True, text=True, timeout=30, check=False
+        ).stdout.splitlines()[:1]
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise NativeBuildError(f"{compiler} --version failed: {exc}") from exc
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "kernels"
+    folder.mkdir(parents=True, exist_ok=True)
+    source = SOURCE.read_bytes()
+    errors: list[str] = []
+    for flags, threaded in flag_sets():
+        identity = "\0".join((compiler, *version, " ".join(flags), _cpu_signature())).encode()
+        key = hashlib.sha256(source + b"\0" + identity).hexdigest()[:16]
+        target = folder / f"lora_runs-{key}.so"
+        if target.is_file():
+            return target, flags, threaded
+        fd, partial = tempfile.mkstemp(prefix=".lora_runs-", suffix=".so", dir=folder)
+        os.close(fd)
+        try:
+            result = subprocess.run(
+                [compiler, *flags, "-o", partial, str(SOURCE)],
+                capture_output=True,
+                text=True,
+                timeout=BUILD_TIMEOUT_S,
+                check=False,
+            )
+            if result.returncode == 0:
+                os.replace(partial, target)
+                log.info("built the native LoRA kernel %s (%s)", target.name, " ".join(flags))
+                return target, flags, threaded
+            errors.append(f"{' '.join(flags)}: {result.stderr.strip()[-500:]}")
+        except (OSError, subprocess.SubprocessError) as exc:
+            errors.append(f"{' '.join(flags)}: {exc}")
+        finally:
+            Path(partial).unlink(missing_ok=True)
+    raise NativeBuildError("could not compile the native LoRA kernel:\n" + "\n".join(errors))
+
+
+def load(cache_dir: str | os.PathLike[str] | None = None) -> NativeLibrary:
+    """Build (or find) and load the kernel, with the C signature declared so ctypes converts the arguments."""
+    path, flags, threaded = build(cache_dir)
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as exc:
+        raise NativeBuildError(f"could not load {path}: {exc}") from exc
+    fn = lib.lora_add_runs_f32
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    # y, ldy, x, ldx, n_tokens, in, out, a, b, n_entries, max_rank, ranks, scales, runs, n_runs, num_threads
+    fn.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, ptr, ptr, ptr, i64, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return NativeLibrary(path, flags, threaded, fn)
+
+
+@functools.cache
+def shared_library() -> NativeLibrary | None:
+    """The process-wide kernel, built at most once; None (with the reason logged) where it cannot be built."""
+    try:
+        return load()
+    except (NativeBuildError, OSError) as exc:  # OSError: e.g. a read-only cache folder
+        log.warning("native LoRA kernel unavailable, using the torch op: %s", exc)
+        return None

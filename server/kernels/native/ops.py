@@ -1,0 +1,114 @@
+"""``lora_add_native``: the batched LoRA add on CPU by the C kernel, all runs of one layer in one call (float32).
+
+Same semantics as ``reference.lora_add_reference``. The torch op pays two matmul dispatches per run and layer, each a
+tiny GEMM whose cost is mostly overhead; this op hands the step's run table to ``lora_runs.c`` once per
+layer. It is chosen by ``select_op`` when the kernel builds and passes ``native_usable``'s check against the
+reference on this machine; otherwise the torch op serves.
+"""
+
+import functools
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from server.kernels.mapping import TokenSlotMapping
+from server.kernels.native.build import shared_library
+from server.kernels.protocol import LoraWeights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NativeMeta:
+    run_table: torch.Tensor  # [n, 3] int32 on the host: every adapter run as (slot, start, end)
+
+
+class NativeOp:
+    """The ``LoraOp`` of the C kernel: every run of a layer in one call."""
+
+    def prepare(self, mapping: TokenSlotMapping) -> NativeMeta:
+        return NativeMeta(torch.tensor(mapping.runs, dtype=torch.int32).reshape(-1, 3))
+
+    def add(self, y: torch.Tensor, x: torch.Tensor, weights: LoraWeights, meta: NativeMeta) -> None:
+        """y[t] += scales[s] * (x[t] @ a[s, :r].T) @ b[s, :r] for every run of ``meta.run_table``, in place.
+
+        y: [T, out]  x: [T, in], float32 on the CPU; ranks from ``weights.rank_table``.
+        """
+        lora_add_native(y, x, weights.a, weights.b, weights.scales, weights.rank_table, meta.run_table)
+
+
+def lora_add_native(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scales: torch.Tensor,
+    rank_table: torch.Tensor,
+    run_table: torch.Tensor,
+) -> None:
+    """y[t] += scales[s] * (x[t] @ a[s, :r].T) @ b[s, :r] for every t in start..end-1 of each run, in place.
+
+    y: [T, out]  x: [T, in]  a: [S+1, R, in]  b: [S+1, R, out]  scales: [S+1], all float32 on the CPU
+    rank_table: [S+1] int32 (r = rank_table[s])  run_table: [n, 3] int32 (slot, start, end), both on the host.
+    Rows of y and x may be strided; columns not.
+    """
+    if run_table.shape[0] == 0:
+        return
+    lib = shared_library()
+    if lib is None:
+        raise RuntimeError("the native LoRA kernel is not available on this machine (select_op checks this)")
+    if not (x.dtype == y.dtype == a.dtype == b.dtype == scales.dtype == torch.float32):
+        raise TypeError("the native LoRA op takes float32 tensors only")
+    if x.stride(1) != 1 or x.stride(0) < x.shape[1]:  # e.g. a transposed or broadcast x
+        x = x.contiguous()
+    if y.stride(1) != 1:
+        raise ValueError("the native LoRA op writes y in place and needs contiguous rows")
+    if y.shape[0] != x.shape[0]:
+        raise ValueError(f"y has {y.shape[0]} rows and x {x.shape[0]}")
+    a, b, scales = a.contiguous(), b.contiguous(), scales.contiguous()  # no-ops for the layer's buffers
+    if not a.shape[0] == b.shape[0] == scales.shape[0] == rank_table.shape[0]:
+        raise ValueError("a, b, scales and ranks must have one entry per slot")
+    status = lib.lora_add_runs_f32(
+        y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], y.shape[1],
+        a.data_ptr(), b.data_ptr(), a.shape[0], a.shape[1], rank_table.data_ptr(), scales.data_ptr(),
+        run_table.data_ptr(), run_table.shape[0], torch.get_num_threads(),
+    )  # fmt: skip
+    if status != 0:
+        raise ValueError("native LoRA op: a slot, run, rank or shape is out of range (nothing was added)")
+
+
+@functools.cache
+def native_usable() -> bool:
+    """The kernel builds here and equals the reference op on a small case covering its edge paths."""
+    if shared_library() is None:
+        return False
+    from server.kernels.reference import ReferenceOp
+
+    g = torch.Generator().manual_seed(0)
+    ranks = [0, 8, 3, 5, 0]  # rank 0 = an empty slot; ranks 3 and 5 leave rank blocks of 4 partly filled
+    num, max_rank, d_in, d_out = len(ranks), 8, 37, 45  # neither width a multiple of the vector length
+    a, b = torch.zeros(num, max_rank, d_in), torch.zeros(num, max_rank, d_out)
+    for slot, r in enumerate(ranks):
+        a[slot, :r] = torch.randn(r, d_in, generator=g)
+        b[slot, :r] = torch.randn(r, d_out, generator=g)
+    scales = torch.tensor([0.0, 2.0, 0.5, 1.0, 0.0])
+    slots = [1] * 9 + [0] * 2 + [2] + [3] * 6 + [4] * 2 + [1] * 3  # runs of 9, 1, 6 and 3 rows, base tokens
+    mapping = TokenSlotMapping.build(slots)
+    weights = LoraWeights.build(a, b, scales, ranks)
+    x = torch.randn(len(slots), d_in + 3, generator=g)[:, :d_in]  # strided rows
+    y0 = torch.randn(len(slots), d_out, generator=g)
+    expected, got = y0.clone(), y0.clone()
+    reference = ReferenceOp()
+    reference.add(expected, x, weights, reference.prepare(mapping))
+    try:
+        op = NativeOp()
+        op.add(got, x, weights, op.prepare(mapping))
+    except (RuntimeError, ValueError) as exc:
+        log.warning("native LoRA kernel failed its self-check, using the torch op: %s", exc)
+        return False
+    if not torch.allclose(got, expected, atol=1e-4, rtol=1e-4):
+        error = (got - expected).abs().max().item()
+        log.warning("native LoRA kernel disagrees with the reference (max error %.3g), using the torch op", error)
+        return False
+    return True
