@@ -19,7 +19,14 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+/* The vector width follows the target's registers: the 4x4 block of accumulators below must fit in them (16
+ * AVX-512 registers of 16 floats; with 16-float vectors on AVX2 each takes two of its 16 registers and the block
+ * spills to the stack, measured 5-10x slower than the torch op there). */
+#if defined(__AVX512F__)
 #define W 16
+#else
+#define W 8
+#endif
 typedef float vf __attribute__((vector_size(W * sizeof(float))));
 typedef float vf_unaligned __attribute__((vector_size(W * sizeof(float)), aligned(4)));
 
@@ -29,9 +36,13 @@ static inline void store(float *p, vf v) { *(vf_unaligned *)p = v; }
 typedef float vf8 __attribute__((vector_size(8 * sizeof(float))));
 typedef float vf4 __attribute__((vector_size(4 * sizeof(float))));
 
-/* Tree sum of the 16 lanes (a lane-by-lane loop would be 16 dependent scalar adds per dot product). */
+/* Tree sum of the W lanes (a lane-by-lane loop would be W dependent scalar adds per dot product). */
 static inline float hsum(vf v) {
+#if W == 16
     vf8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+    vf8 h = v;
+#endif
     vf4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
     return (q[0] + q[2]) + (q[1] + q[3]);
 }
