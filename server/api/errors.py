@@ -49,8 +49,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        if errors and all(err.get("type") == "extra_forbidden" for err in errors):
+            # Fields the server does not know: refused, never ignored (the answer would look right and be wrong).
+            fields = ", ".join(".".join(str(p) for p in err.get("loc", ()) if p != "body") for err in errors)
+            return error_response(400, "unsupported_field", f"unknown field(s), not supported by this server: {fields}")
         problems = []
-        for err in exc.errors():
+        for err in errors:
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
             problems.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
         return error_response(422, "invalid_request", "; ".join(problems) or "invalid request")

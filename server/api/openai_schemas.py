@@ -1,7 +1,10 @@
-"""The subset of OpenAI's completions and chat completions bodies we serve. Unknown fields are ignored, like OpenAI's
-own servers do for fields they deprecate, so the official client's defaults never cause errors."""
+"""The subset of OpenAI's completions and chat completions bodies we serve.
 
-from typing import Annotated, Literal
+Nothing is accepted and ignored: an unknown field is refused (400, naming it), and so is a known OpenAI field we do
+not implement unless it carries its neutral value (``logprobs: null``, ``presence_penalty: 0``, ``logit_bias: {}``,
+...), which asks for nothing we skip. ``user`` is the one field taken and ignored: it only labels the caller."""
+
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -12,14 +15,19 @@ from server.engine.sampling_params import MAX_STOP_STRINGS
 OpenAIFinishReason = Literal["stop", "length"]
 
 
+def _neutral(*values: object) -> dict[str, Any]:
+    """Field arguments that publish the values served in the OpenAPI schema (so clients and the fuzzer see them)."""
+    return {"json_schema_extra": {"enum": list(values)}}
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     include_usage: bool = Field(False, description="end the stream with a chunk carrying usage and no choices")
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)  # unknown OpenAI fields ignored, known ones typed strictly
+    model_config = ConfigDict(extra="forbid", strict=True)  # unknown fields refused, known ones typed strictly
 
     model: str = Field(..., description="an adapter name, or the base model's id")
     max_tokens: int | None = Field(None, ge=1, le=1_000_000)
@@ -31,6 +39,22 @@ class _Request(BaseModel):
     stream: bool = False
     ignore_eos: bool = Field(False, description="extension (as in vLLM): keep generating past end-of-sequence tokens")
     stream_options: StreamOptions | None = None
+    user: str | None = Field(None, max_length=256, description="the caller's label; accepted and not used")
+    # Known OpenAI fields not implemented yet: only their neutral value is accepted (see ``unsupported``).
+    # The schema states the one value served (``_neutral``); any other value parses, then answers 400 naming it.
+    presence_penalty: float | None = Field(None, description="not implemented: only 0 or null", **_neutral(0, None))
+    frequency_penalty: float | None = Field(None, description="not implemented: only 0 or null", **_neutral(0, None))
+    logit_bias: dict[str, float] | None = Field(
+        None, description="not implemented: only {} or null", json_schema_extra={"maxProperties": 0}
+    )
+
+    def unsupported(self) -> list[str]:
+        """The fields set to something this server does not do (each must be refused, never ignored)."""
+        out = [f"{name} = {getattr(self, name)!r}" for name in ("presence_penalty", "frequency_penalty")
+               if getattr(self, name) not in (None, 0)]  # fmt: skip
+        if self.logit_bias:
+            out.append("logit_bias (not empty)")
+        return out
 
     @property
     def include_usage(self) -> bool:
@@ -46,6 +70,19 @@ class CompletionRequest(_Request):
     prompt: str | list[str] = Field(..., description="one prompt (a list must hold exactly one string)")
     max_tokens: int | None = Field(16, ge=1, le=1_000_000)
     echo: bool = False
+    logprobs: int | None = Field(None, description="not implemented: only null", **_neutral(None))
+    best_of: int | None = Field(None, description="not implemented: only 1 or null", **_neutral(1, None))
+    suffix: str | None = Field(None, description="not implemented: only null", **_neutral(None))
+
+    def unsupported(self) -> list[str]:
+        out = super().unsupported()
+        if self.logprobs is not None:
+            out.append(f"logprobs = {self.logprobs!r} (log-probabilities are not served yet)")
+        if self.best_of not in (None, 1):
+            out.append(f"best_of = {self.best_of!r}")
+        if self.suffix is not None:
+            out.append("suffix")
+        return out
 
     def single_prompt(self) -> str:
         if isinstance(self.prompt, str):
@@ -56,7 +93,7 @@ class CompletionRequest(_Request):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str
@@ -65,6 +102,16 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    logprobs: bool | None = Field(None, description="not implemented: only false or null", **_neutral(False, None))
+    top_logprobs: int | None = Field(None, description="not implemented: only 0 or null", **_neutral(0, None))
+
+    def unsupported(self) -> list[str]:
+        out = super().unsupported()
+        if self.logprobs:
+            out.append("logprobs = true (log-probabilities are not served yet)")
+        if self.top_logprobs not in (None, 0):
+            out.append(f"top_logprobs = {self.top_logprobs!r}")
+        return out
 
 
 class CompletionUsage(BaseModel):

@@ -102,9 +102,17 @@ def _stream_error(out: RequestOutput) -> str | None:
     return _sse(ErrorResponse(error=ErrorBody(type=type_, message=out.error or "the request ended early")))
 
 
+def _refuse_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None:
+    """400 naming every field set to something this server does not do: a wrong answer that looks right (say, no
+    log-probabilities where an evaluation harness asked for them) is worse than none."""
+    if unsupported := body.unsupported():
+        raise ApiError(400, "unsupported_field", f"not supported by this server: {'; '.join(unsupported)}")
+
+
 @router.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS)
 async def completions(body: CompletionRequest, request: Request):
     service: Service = request.app.state.service
+    _refuse_unsupported(body)
     try:
         prompt = body.single_prompt()
     except ValueError as exc:
@@ -140,6 +148,7 @@ async def completions(body: CompletionRequest, request: Request):
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     service: Service = request.app.state.service
+    _refuse_unsupported(body)
     prompt_ids = await encode_chat(service, [m.model_dump() for m in body.messages])
     handle = _start(service, body, prompt_ids)
     created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"

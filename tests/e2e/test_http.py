@@ -159,7 +159,7 @@ def test_corrupt_adapter_on_disk_fails_only_its_requests(server, tiny_adapters) 
         ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 422),
         ({"prompt": "hi", "temperature": -1}, 422),
         ({"prompt": ""}, 422),
-        ({"prompt": "hi", "unknown_field": 1}, 422),
+        ({"prompt": "hi", "unknown_field": 1}, 400),
         ({"prompt": "hi " * 300, "max_new_tokens": 10}, 400),
         ({"prompt": "hi", "max_new_tokens": 1000}, 400),
     ],
@@ -212,3 +212,51 @@ def test_restart_keeps_adapters_and_queue_limit(tiny_model_dir, tiny_adapters, t
         statuses = sorted(r.status_code for r in answers)
         assert 200 in statuses and 429 in statuses
         assert all(r.headers.get("retry-after") for r in answers if r.status_code == 429)
+
+
+@pytest.mark.parametrize(
+    ("path", "extra", "named"),
+    [
+        ("/v1/completions", {"logprobs": 1}, "logprobs"),  # answered 200 with "logprobs": null before
+        ("/v1/completions", {"logprobs": 0}, "logprobs"),
+        ("/v1/completions", {"best_of": 3}, "best_of"),
+        ("/v1/completions", {"suffix": "x"}, "suffix"),
+        ("/v1/completions", {"presence_penalty": 0.5}, "presence_penalty"),
+        ("/v1/completions", {"logit_bias": {"5": 10}}, "logit_bias"),
+        ("/v1/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+        ("/v1/completions", {"stream_options": {"include_usage": True, "continuous_usage_stats": True}},
+         "continuous_usage_stats"),
+        ("/v1/chat/completions", {"logprobs": True}, "logprobs"),
+        ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+        ("/v1/chat/completions", {"frequency_penalty": -1.0}, "frequency_penalty"),
+        ("/v1/chat/completions", {"tools": []}, "tools"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "name"),
+        ("/v1/generate", {"repetition_penalty": 1.2}, "repetition_penalty"),
+    ],
+)  # fmt: skip
+def test_fields_the_server_does_not_implement_are_refused_by_name(server, path: str, extra: dict, named: str) -> None:
+    """Never accept and ignore: a field we do not serve answers 400 naming it, instead of an answer that looks right."""
+    model = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"][0]["id"]
+    bodies = {
+        "/v1/completions": {"model": model, "prompt": "hi", "max_tokens": 2},
+        "/v1/chat/completions": {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        "/v1/generate": {"prompt": "hi", "max_new_tokens": 2},
+    }
+    r = httpx.post(f"{server.url}{path}", json={**bodies[path], **extra}, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "unsupported_field" and named in error["message"], error
+
+
+def test_neutral_values_of_unimplemented_openai_fields_are_served(server) -> None:
+    """Clients that send a field's neutral value ask for nothing we skip: served as without it."""
+    model = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"][0]["id"]
+    neutral = {"presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "user": "team-a"}
+    completion = {"model": model, "prompt": "hi", "max_tokens": 3, "temperature": 0, "logprobs": None, "best_of": 1}
+    plain = httpx.post(f"{server.url}/v1/completions", json=completion, timeout=60)
+    r = httpx.post(f"{server.url}/v1/completions", json={**completion, **neutral}, timeout=60)
+    assert r.status_code == plain.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == plain.json()["choices"][0]["text"]
+    chat = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "logprobs": False,
+            "top_logprobs": 0, **neutral}  # fmt: skip
+    assert httpx.post(f"{server.url}/v1/chat/completions", json=chat, timeout=60).status_code == 200
