@@ -258,19 +258,21 @@ class AdapterRegistry:
             folder = self._adapters / name
             before = self._records
             # Readers stop seeing the name before its folder moves, so a request that looks it up from now on gets
-            # "not found" (404), not a half-gone folder (503). A failed delete puts the record back.
+            # "not found" (404), not a half-gone folder (503). A failed delete puts the record back when the folder
+            # is back in place.
             self._records = {n: r for n, r in before.items() if n != name}
-            try:
-                with _storage_full("nothing was deleted"):
+            with _storage_full("nothing was deleted"):
+                try:
                     trash = self._move_to_staging(folder)
-                    try:
-                        self._write_index(self._records)  # the commit point
-                    except BaseException:
-                        self._put_back(trash, folder, name)
-                        raise
-            except BaseException:
-                self._records = before
-                raise
+                except BaseException:
+                    self._records = before
+                    raise
+                try:
+                    self._write_index(self._records)  # the commit point
+                except BaseException:
+                    if self._put_back(trash, folder, name):
+                        self._records = before
+                    raise
         shutil.rmtree(trash, ignore_errors=True)
 
     # ---- internals ------------------------------------------------------------------------------------------------
@@ -340,16 +342,17 @@ class AdapterRegistry:
         except OSError:  # the index names a folder that is not there: startup drops the entry
             _log.exception("adapter %r: the index could not be restored after a failed commit", name)
 
-    def _put_back(self, trash: Path, folder: Path, name: str) -> None:
-        """Undo a delete's rename when its index write failed, so the adapter stays registered and intact."""
+    def _put_back(self, trash: Path, folder: Path, name: str) -> bool:
+        """Undo a delete's rename when its index write failed; True when the folder is back (the adapter stays
+        registered and intact), False when it could not be moved (then it stays unregistered)."""
         try:
             os.rename(trash / "adapter", folder)
         except OSError:  # the index still names it, the folder is gone: startup drops the entry
             _log.exception("adapter %r: its folder could not be moved back from %s after a failed delete", name, trash)
-            self._records = {n: r for n, r in self._records.items() if n != name}
-            return
+            return False
         with suppress(OSError):
             os.rmdir(trash)
+        return True
 
     def _move_to_staging(self, path: Path) -> Path:
         trash = Path(tempfile.mkdtemp(prefix="deleted-", dir=self._staging))

@@ -358,3 +358,30 @@ def test_a_deleted_name_is_not_found_before_its_folder_moves(
     monkeypatch.setattr(registry, "_move_to_staging", watching_move)
     registry.delete("doomed")
     assert seen == [False] and "doomed" not in registry
+
+
+def test_a_failed_delete_whose_folder_cannot_come_back_leaves_the_name_unregistered(
+    registry: AdapterRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index write fails and so does moving the folder back: the name must not stay registered over a folder
+    that is gone (every request would fail with 503); the index still names it, and a restart drops it."""
+    import errno
+
+    from server.adapters import registry as registry_module
+
+    add(registry, "doomed")
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(registry_module.json, "dump", lambda *a, **k: (_ for _ in ()).throw(full))
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if Path(dst).name == "doomed":  # moving the folder back into adapters/
+            raise OSError(errno.EIO, "simulated failure")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(registry_module.os, "rename", rename)
+    with pytest.raises(registry_module.StorageFull):
+        registry.delete("doomed")
+    monkeypatch.undo()
+    assert "doomed" not in registry
+    assert not (registry.data_dir / "adapters" / "doomed").exists()
