@@ -26,7 +26,8 @@ from server.adapters.config_json import MAX_CONFIG_BYTES
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 README_FILE = "README.md"
-# Same list as server.adapters.checkpoint (which imports torch). Pickles are kept so that the validator refuses them.
+# The PEFT file names are defined here, torch-free, and the checkpoint reader imports them. Pickles are kept so that
+# the validator refuses them (it never opens one).
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 CHUNK = 1 << 20
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")

@@ -13,13 +13,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from server.adapters.archive import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE
 from server.adapters.config_json import MAX_CONFIG_BYTES
 from server.adapters.errors import AdapterFormatError, AdapterMismatchError
 from server.adapters.peft_config import LoraSpec, parse_lora_config
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 ACCEPTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _PREFIX = "base_model.model."
 _SUFFIXES = {".lora_A.weight": "a", ".lora_B.weight": "b"}

@@ -9,6 +9,8 @@ conversion. Each bound is checked before the value is built, so every such file 
 
 import json
 import re
+from collections.abc import Callable
+from typing import TypeVar
 
 from server.adapters.errors import AdapterFormatError
 
@@ -23,6 +25,7 @@ MAX_NUMBER_CHARS = 100
 _ESCAPE = re.compile(r"\\.", re.DOTALL)
 _STRING = re.compile(r'"[^"]*"')
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+T = TypeVar("T")
 
 
 def load_config_json(raw: bytes | str, what: str = "adapter_config.json") -> object:
@@ -62,19 +65,19 @@ def _max_depth(text: str, limit: int) -> int:
     return deepest
 
 
-def _parse_int(literal: str) -> int:
-    if len(literal) > MAX_NUMBER_CHARS:
-        raise AdapterFormatError(
-            f"adapter_config.json holds an integer literal of {len(literal)} characters ({literal[:20]}...); "
-            f"numbers may have at most {MAX_NUMBER_CHARS}"
-        )
-    return int(literal)
+def _bounded(convert: Callable[[str], T], kind: str) -> Callable[[str], T]:
+    """``convert`` for json.loads' parse_int / parse_float hooks, refusing literals over MAX_NUMBER_CHARS first."""
+
+    def parse(literal: str) -> T:
+        if len(literal) > MAX_NUMBER_CHARS:
+            raise AdapterFormatError(
+                f"adapter_config.json holds {kind} of {len(literal)} characters ({literal[:20]}...); "
+                f"numbers may have at most {MAX_NUMBER_CHARS}"
+            )
+        return convert(literal)
+
+    return parse
 
 
-def _parse_float(literal: str) -> float:
-    if len(literal) > MAX_NUMBER_CHARS:
-        raise AdapterFormatError(
-            f"adapter_config.json holds a number literal of {len(literal)} characters ({literal[:20]}...); "
-            f"numbers may have at most {MAX_NUMBER_CHARS}"
-        )
-    return float(literal)
+_parse_int = _bounded(int, "an integer literal")
+_parse_float = _bounded(float, "a number literal")

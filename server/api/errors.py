@@ -1,6 +1,8 @@
 """Errors as JSON ``{"error": {"type", "message"}}`` with the right status; nothing a client sends becomes a 500."""
 
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -52,12 +54,9 @@ def install_error_handlers(app: FastAPI) -> None:
         errors = exc.errors()
         if errors and all(err.get("type") == "extra_forbidden" for err in errors):
             # Fields the server does not know: refused, never ignored (the answer would look right and be wrong).
-            fields = ", ".join(".".join(str(p) for p in err.get("loc", ()) if p != "body") for err in errors)
+            fields = ", ".join(_field(err) for err in errors)
             return error_response(400, "unsupported_field", f"unknown field(s), not supported by this server: {fields}")
-        problems = []
-        for err in errors:
-            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-            problems.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        problems = [f"{_field(err)}: {err.get('msg')}" if _field(err) else str(err.get("msg")) for err in errors]
         return error_response(422, "invalid_request", "; ".join(problems) or "invalid request")
 
     @app.exception_handler(StarletteHTTPException)
@@ -73,3 +72,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
         return error_response(500, "internal_error", "internal server error")
+
+
+def _field(err: Mapping[str, Any]) -> str:
+    """The dotted path of the field a validation error is about, without FastAPI's leading "body"."""
+    return ".".join(str(part) for part in err.get("loc", ()) if part != "body")

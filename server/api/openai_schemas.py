@@ -4,20 +4,38 @@ Nothing is accepted and ignored: an unknown field is refused (400, naming it), a
 not implement unless it carries its neutral value (``logprobs: null``, ``presence_penalty: 0``, ``logit_bias: {}``,
 ...), which asks for nothing we skip. ``user`` is the one field taken and ignored: it only labels the caller."""
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
+from pydantic.fields import FieldInfo
 
 from server.api.schemas import StopString
 from server.engine.sampling_params import MAX_STOP_STRINGS
 
 # OpenAI's finish reasons that we produce (a request that ends early answers an error instead).
 OpenAIFinishReason = Literal["stop", "length"]
+_WHY = {"logprobs": " (log-probabilities are not served yet)"}
 
 
-def _neutral(*values: object) -> dict[str, Any]:
-    """Field arguments that publish the values served in the OpenAPI schema (so clients and the fuzzer see them)."""
-    return {"json_schema_extra": {"enum": list(values)}}
+def _not_served(*neutral: JsonValue) -> Any:
+    """A known OpenAI field we do not implement: only its ``neutral`` values are accepted. They are stated once,
+    here: the OpenAPI schema publishes them (clients and the fuzzer see them) and ``_Request.unsupported`` refuses any
+    other value with 400 naming the field."""
+    shown = " or ".join(json.dumps(value) for value in neutral)
+    return Field(None, description=f"not implemented: only {shown}", json_schema_extra={"enum": list(neutral)})
+
+
+def _served_values(info: FieldInfo) -> list[JsonValue] | None:
+    """The neutral values of a ``_not_served`` field; None for a field we implement."""
+    extra = info.json_schema_extra
+    values = extra.get("enum") if isinstance(extra, dict) else None
+    return values if isinstance(values, list) else None
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "..."
 
 
 class StreamOptions(BaseModel):
@@ -40,18 +58,22 @@ class _Request(BaseModel):
     ignore_eos: bool = Field(False, description="extension (as in vLLM): keep generating past end-of-sequence tokens")
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256, description="the caller's label; accepted and not used")
-    # Known OpenAI fields not implemented yet: only their neutral value is accepted (see ``unsupported``).
-    # The schema states the one value served (``_neutral``); any other value parses, then answers 400 naming it.
-    presence_penalty: float | None = Field(None, description="not implemented: only 0 or null", **_neutral(0, None))
-    frequency_penalty: float | None = Field(None, description="not implemented: only 0 or null", **_neutral(0, None))
+    # Known OpenAI fields not implemented yet: only their neutral value is accepted; any other value parses, then
+    # answers 400 naming the field (``unsupported``).
+    presence_penalty: float | None = _not_served(0, None)
+    frequency_penalty: float | None = _not_served(0, None)
     logit_bias: dict[str, float] | None = Field(
         None, description="not implemented: only {} or null", json_schema_extra={"maxProperties": 0}
     )
 
     def unsupported(self) -> list[str]:
         """The fields set to something this server does not do (each must be refused, never ignored)."""
-        out = [f"{name} = {getattr(self, name)!r}" for name in ("presence_penalty", "frequency_penalty")
-               if getattr(self, name) not in (None, 0)]  # fmt: skip
+        out = []
+        for name, info in type(self).model_fields.items():
+            served = _served_values(info)
+            value = getattr(self, name)
+            if served is not None and value not in served:
+                out.append(f"{name} = {_shown(value)}" + _WHY.get(name, ""))
         if self.logit_bias:
             out.append("logit_bias (not empty)")
         return out
@@ -70,19 +92,9 @@ class CompletionRequest(_Request):
     prompt: str | list[str] = Field(..., description="one prompt (a list must hold exactly one string)")
     max_tokens: int | None = Field(16, ge=1, le=1_000_000)
     echo: bool = False
-    logprobs: int | None = Field(None, description="not implemented: only null", **_neutral(None))
-    best_of: int | None = Field(None, description="not implemented: only 1 or null", **_neutral(1, None))
-    suffix: str | None = Field(None, description="not implemented: only null", **_neutral(None))
-
-    def unsupported(self) -> list[str]:
-        out = super().unsupported()
-        if self.logprobs is not None:
-            out.append(f"logprobs = {self.logprobs!r} (log-probabilities are not served yet)")
-        if self.best_of not in (None, 1):
-            out.append(f"best_of = {self.best_of!r}")
-        if self.suffix is not None:
-            out.append("suffix")
-        return out
+    logprobs: int | None = _not_served(None)
+    best_of: int | None = _not_served(1, None)
+    suffix: str | None = _not_served(None)
 
     def single_prompt(self) -> str:
         if isinstance(self.prompt, str):
@@ -102,16 +114,8 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000)
-    logprobs: bool | None = Field(None, description="not implemented: only false or null", **_neutral(False, None))
-    top_logprobs: int | None = Field(None, description="not implemented: only 0 or null", **_neutral(0, None))
-
-    def unsupported(self) -> list[str]:
-        out = super().unsupported()
-        if self.logprobs:
-            out.append("logprobs = true (log-probabilities are not served yet)")
-        if self.top_logprobs not in (None, 0):
-            out.append(f"top_logprobs = {self.top_logprobs!r}")
-        return out
+    logprobs: bool | None = _not_served(False, None)
+    top_logprobs: int | None = _not_served(0, None)
 
 
 class CompletionUsage(BaseModel):

@@ -29,6 +29,7 @@ from server.adapters.errors import AdapterFormatError, UnsupportedAdapterError
 from server.adapters.peft_config import parse_lora_config
 from server.adapters.registry import AdapterRegistry, AdapterSummary, BadArchive
 from tests.helpers.paths import REPO_ROOT
+from tests.helpers.registry_fakes import make_zip
 
 _PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj") + (
     "mlp.gate_proj",
@@ -338,21 +339,13 @@ def test_tar_archives_real_tools_write_still_extract(registry: AdapterRegistry, 
 
 
 # ---- item 5: archive member names no file system holds --------------------------------------------------------------
-def make_zip(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
-    return buf.getvalue()
-
-
 @pytest.mark.parametrize("fmt", ["zip", "tgz"])
 @pytest.mark.parametrize(("prefix", "ok"), [("p" * 255 + "/", True), ("p" * 256 + "/", False), ("q/" * 520, False)])
 def test_member_names_longer_than_a_file_system_allows_are_refused(
     registry: AdapterRegistry, fmt: str, prefix: str, ok: bool
 ) -> None:
     members = {prefix + k: v for k, v in PEFT_FILES.items()}
-    data = make_zip(members) if fmt == "zip" else make_tgz(members)
+    data = make_zip(members).getvalue() if fmt == "zip" else make_tgz(members)
     if ok:
         assert registry.add_archive("named", io.BytesIO(data)).rank == 8
         return
@@ -424,6 +417,7 @@ def _files(config: bytes) -> dict:
     return {"adapter_config": ("adapter_config.json", config), "adapter_model": ("adapter_model.safetensors", b"x")}
 
 
+_LONG_NAMES_ZIP = make_zip({f"{'p' * 300}/{k}": v for k, v in PEFT_FILES.items()}).getvalue()
 HTTP_CASES = {
     "catastrophic-target-regex": (_files(json.dumps(_config_with("target_modules", "(.|.)*X")).encode()), 422),
     "backreference": (_files(json.dumps(_config_with("target_modules", r"(q)_proj\1")).encode()), 422),
@@ -434,7 +428,7 @@ HTTP_CASES = {
     "rank-400-digits": (_files(HOSTILE_CONFIGS["rank-400-digits"]), 422),
     "pax-redos": ({"archive": ("a.tar.gz", raw_tgz(pax_record(tarfile.XHDTYPE, b"1" * 2**20)))}, 400),
     "gnu-sparse-pax": ({"archive": ("a.tar.gz", raw_tgz(*EXTENDED_CASES["gnu-sparse"]))}, 400),
-    "long-member-name": ({"archive": ("a.zip", make_zip({f"{'p' * 300}/{k}": v for k, v in PEFT_FILES.items()}))}, 400),
+    "long-member-name": ({"archive": ("a.zip", _LONG_NAMES_ZIP)}, 400),
 }
 
 
