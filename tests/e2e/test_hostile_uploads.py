@@ -24,7 +24,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from loadtests.common.server_process import ServerProcess
 from server.adapters.errors import AdapterFormatError, UnsupportedAdapterError
 from server.adapters.peft_config import parse_lora_config
 from server.adapters.registry import AdapterRegistry, AdapterSummary, BadArchive
@@ -404,15 +403,6 @@ def test_zip_near_the_member_cap_still_extracts(registry: AdapterRegistry) -> No
 
 
 # ---- over HTTP: every one of these is a 4xx with a JSON message, and the server stays responsive ------------------
-@pytest.fixture(scope="module")
-def server(tiny_model_dir, tmp_path_factory):
-    data = tmp_path_factory.mktemp("hostile")
-    proc = ServerProcess(tiny_model_dir("llama"), data / "store", "--gpu-slots", "2", "--max-seq-len", "256",
-                         "--max-batch-size", "4", "--startup-adapters", str(data / "none"))  # fmt: skip
-    with proc:
-        yield proc
-
-
 def _files(config: bytes) -> dict:
     return {"adapter_config": ("adapter_config.json", config), "adapter_model": ("adapter_model.safetensors", b"x")}
 

@@ -29,15 +29,6 @@ def raw_status(server: ServerProcess, request_line: str, headers: dict[str, str]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir, tmp_path_factory):
-    data = tmp_path_factory.mktemp("data")
-    proc = ServerProcess(tiny_model_dir("llama"), data / "store", "--gpu-slots", "2", "--max-seq-len", "256",
-                         "--max-batch-size", "4", "--startup-adapters", str(data / "none"))  # fmt: skip
-    with proc:
-        yield proc
-
-
-@pytest.fixture(scope="module")
 def peft_expected(tiny_model_dir, tiny_adapters):
     """PEFT's greedy continuation text of PROMPT for adapter 0 (ignoring EOS) and the tokenizer used."""
     reference = PeftReference(tiny_model_dir("llama"), tiny_adapters("llama")[:1])
