@@ -32,6 +32,7 @@ from server.engine.sampling import RowSampler, sample
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from server.engine.stats import FinishedRecord
+from server.engine.structured_output import CompiledGrammar
 from server.lora.prefetch import AdapterPrefetcher
 from server.lora.slot_cache import CacheStats, SlotCache
 from server.model.lora_model import LoraModel
@@ -93,27 +94,51 @@ class Engine:
         request_id: str | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
         timeout: float | None = None,
+        grammar: CompiledGrammar | None = None,
     ) -> RequestHandle:
         """Queue a request; its outputs stream through the returned handle (async when ``loop`` is given).
 
         ``timeout`` (seconds, default ``config.request_timeout``) bounds the time from now to the last token; a
-        request past it finishes with ``FinishReason.TIMEOUT``, whether it was still waiting or running."""
+        request past it finishes with ``FinishReason.TIMEOUT``, whether it was still waiting or running.
+        ``grammar`` constrains the output (structured output); the request gets a matcher of its own."""
         params = params if params is not None else SamplingParams()
-        self._check(prompt_ids, adapter, params)
+        [handle] = self.submit_group(prompt_ids, adapter, [params], request_id, loop, timeout, grammar)
+        return handle
+
+    def submit_group(
+        self,
+        prompt_ids: Seq[int],
+        adapter: str | None,
+        params: Seq[SamplingParams],
+        request_id: str | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+        timeout: float | None = None,
+        grammar: CompiledGrammar | None = None,
+    ) -> list[RequestHandle]:
+        """Queue one sequence per ``params`` on the same prompt (OpenAI's ``n``): the prompt is prefilled once and
+        the other sequences start from a copy of its KV row. Each gets its own handle (ids ``<id>-<i>`` when more
+        than one); all are accepted or none (the queue bound counts them all)."""
+        if not params:
+            raise ValueError("a group needs at least one sequence")
+        for p in params:
+            self._check(prompt_ids, adapter, p)
         rid = request_id or f"req-{uuid.uuid4().hex[:12]}-{next(self._ids)}"
         now = time.monotonic()
         timeout = timeout if timeout is not None else self.config.request_timeout
-        request = EngineRequest(rid, adapter, list(prompt_ids), params, arrival=now,
-                                deadline=None if timeout is None else now + timeout)  # fmt: skip
-        live = LiveRequest(
-            request,
-            RequestHandle(request, loop),
-            RowSampler(params),
-            IncrementalDetokenizer(self.tokenizer, prompt_ids),
-            StopChecker(params.stop),
-        )
-        self.engine_loop.put(live, self.scheduler.num_waiting, self.config.max_queue)
-        return live.handle
+        lives = []
+        for i, p in enumerate(params):
+            request = EngineRequest(rid if len(params) == 1 else f"{rid}-{i}", adapter, list(prompt_ids), p,
+                                    arrival=now, deadline=None if timeout is None else now + timeout)  # fmt: skip
+            lives.append(LiveRequest(
+                request,
+                RequestHandle(request, loop),
+                RowSampler(p, request.prompt_ids, self.outputs.eos_ids, grammar.matcher() if grammar else None),
+                IncrementalDetokenizer(self.tokenizer, prompt_ids),
+                StopChecker(p.stop),
+            ))  # fmt: skip
+        for live in lives:  # TODO(fork): one prefill for the group
+            self.engine_loop.put(live, self.scheduler.num_waiting, self.config.max_queue)
+        return [live.handle for live in lives]
 
     def _check(self, prompt_ids: Seq[int], adapter: str | None, params: SamplingParams) -> None:
         """Refuse a request this engine cannot serve, with a message for the client (``RequestError``)."""
@@ -227,7 +252,7 @@ class Engine:
         return chunks, needing
 
     def _sample(self, logits: torch.Tensor, needing: Seq[EngineRequest]) -> list[int]:
-        return sample(logits, self.outputs.samplers(needing))
+        return sample(logits, self.outputs.samplers(needing)).tokens
 
     @staticmethod
     def _advance(scheduled: Seq[ScheduledRequest]) -> None:

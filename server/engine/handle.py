@@ -5,6 +5,7 @@ import queue
 from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 
+from server.engine.logprob import TokenLogprob
 from server.engine.request import EngineRequest, FinishReason
 
 
@@ -20,6 +21,10 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    # With ``SamplingParams.logprobs``: one entry per id in ``token_ids``, in order.
+    logprobs: tuple[TokenLogprob, ...] = ()
+    # With ``SamplingParams.prompt_logprobs``: on the first event only, one entry per prompt token (the first None).
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,8 @@ class RequestResult:
     prompt_tokens: int
     completion_tokens: int
     error: str | None
+    logprobs: list[TokenLogprob]  # one per token id when the request asked for them, else empty
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None
 
 
 class RequestHandle:
@@ -100,4 +107,6 @@ def collect(outputs: list[RequestOutput]) -> RequestResult:
         prompt_tokens=last.prompt_tokens,
         completion_tokens=last.completion_tokens,
         error=last.error,
+        logprobs=[lp for o in outputs for lp in o.logprobs],
+        prompt_logprobs=next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None),
     )

@@ -8,10 +8,13 @@ always at least one token).
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
+from server.engine.logprob import TokenLogprob
 from server.engine.sampling_params import SamplingParams
+from server.engine.structured_output import GrammarMatcher, apply_grammar_masks
 
 
 class RowSampler:
@@ -22,8 +25,20 @@ class RowSampler:
     seed gives different streams on CPU and CUDA, but always the same stream on one device.
     """
 
-    def __init__(self, params: SamplingParams) -> None:
+    def __init__(
+        self,
+        params: SamplingParams,
+        prompt_ids: Sequence[int] = (),
+        eos_ids: frozenset[int] = frozenset(),
+        grammar: GrammarMatcher | None = None,
+    ) -> None:
+        """``prompt_ids`` feed the repetition penalty, ``eos_ids`` what ``min_tokens`` holds back, ``grammar`` (a
+        fresh matcher of this request's structured-output grammar) what the row may generate."""
         self.params = params
+        self.prompt_ids = prompt_ids
+        self.eos_ids = eos_ids
+        self.grammar = grammar
+        self.output_ids: list[int] = []
         # Without a seed we still fix one now, so the request's whole stream comes from a single generator.
         self.seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         self._generator: torch.Generator | None = None
@@ -34,6 +49,18 @@ class RowSampler:
             self._generator.manual_seed(self.seed)
         assert self._generator.device == device, "a request's generator cannot move between devices"
         return self._generator
+
+    def record(self, token: int) -> bool:
+        """The row's sampled ``token`` is accepted into its sequence (penalty counts, grammar state); False when the
+        grammar refuses it (the request must then fail: its output would not match)."""
+        self.output_ids.append(token)
+        return self.grammar is None or self.grammar.accept(token)
+
+
+@dataclass(frozen=True)
+class SampleOutput:
+    tokens: list[int]  # one per row; INVALID_TOKEN for a row without a usable distribution
+    logprobs: list[TokenLogprob | None]  # per row: None unless its params ask for logprobs
 
 
 def filter_top_k_top_p(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -60,7 +87,7 @@ def filter_top_k_top_p(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
 INVALID_TOKEN = -1  # sample()'s answer for a row without a usable distribution
 
 
-def sample(logits: torch.Tensor, samplers: Sequence[RowSampler]) -> list[int]:
+def sample(logits: torch.Tensor, samplers: Sequence[RowSampler]) -> SampleOutput:
     """logits [N, V] float (one row per request that needs a token this step) -> one token id per row.
 
     Greedy rows: argmax (all greedy rows done in one batched argmax). Other rows: logits / temperature, then top-k,
@@ -71,9 +98,10 @@ def sample(logits: torch.Tensor, samplers: Sequence[RowSampler]) -> list[int]:
     """
     assert logits.dim() == 2 and logits.shape[0] == len(samplers), "one logits row per sampler"
     if not samplers:
-        return []
+        return SampleOutput([], [])
     logits = logits.float()
     valid = torch.isfinite(logits).all(dim=-1)  # [N]
+    apply_grammar_masks(logits, [s.grammar for s in samplers])
     tokens = logits.argmax(dim=-1)  # [N]; the answer for greedy rows, overwritten for the others
     rows = [i for i, s in enumerate(samplers) if not s.params.greedy]
     if rows:
@@ -92,4 +120,4 @@ def sample(logits: torch.Tensor, samplers: Sequence[RowSampler]) -> list[int]:
         valid[row_index] &= ok.squeeze(1)
         draws = [torch.multinomial(probs[j], 1, generator=samplers[i].generator(device)) for j, i in enumerate(rows)]
         tokens[row_index] = torch.cat(draws)
-    return torch.where(valid, tokens, INVALID_TOKEN).tolist()
+    return SampleOutput(torch.where(valid, tokens, INVALID_TOKEN).tolist(), [None] * len(samplers))
