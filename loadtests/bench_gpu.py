@@ -109,7 +109,8 @@ def generate(runner: ModelRunner, slots: list[int], prompts: list[list[int]], ne
     device = runner.device
     sync(device)
     t0 = time.perf_counter()
-    logits = runner.run([SequenceChunk(i, s, p, 0, True) for i, (s, p) in enumerate(zip(slots, prompts, strict=True))])
+    chunks = [SequenceChunk(i, s, p, 0, True) for i, (s, p) in enumerate(zip(slots, prompts, strict=True))]
+    logits = runner.run(chunks).sample
     tokens = logits.argmax(-1).tolist()  # a host sync per step, as the engine's sampling has
     prefill = time.perf_counter() - t0
     first = logits
@@ -117,7 +118,7 @@ def generate(runner: ModelRunner, slots: list[int], prompts: list[list[int]], ne
     t0 = time.perf_counter()
     for step in range(new_tokens - 1):
         chunks = [SequenceChunk(i, s, [tokens[i]], start + step, True) for i, s in enumerate(slots)]
-        tokens = runner.run(chunks).argmax(-1).tolist()
+        tokens = runner.run(chunks).sample.argmax(-1).tolist()
     return prefill, (time.perf_counter() - t0) / max(new_tokens - 1, 1), first
 
 

@@ -24,6 +24,8 @@ from server.adapters.checkpoint import AdapterWeights
 from server.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from server.engine.errors import RequestError, UnknownAdapterError, step_failure
 from server.engine.handle import RequestHandle
+from server.engine.logprob import TokenLogprob
+from server.engine.logprobs import prompt_logprobs
 from server.engine.loop import EngineLoop
 from server.engine.model_runner import ModelRunner, SequenceChunk
 from server.engine.outputs import LiveRequest, OutputProcessor
@@ -133,11 +135,14 @@ class Engine:
                 request,
                 RequestHandle(request, loop),
                 RowSampler(p, request.prompt_ids, self.outputs.eos_ids, grammar.matcher() if grammar else None),
-                IncrementalDetokenizer(self.tokenizer, prompt_ids),
+                IncrementalDetokenizer(self.tokenizer, prompt_ids, p.skip_special_tokens),
                 StopChecker(p.stop),
             ))  # fmt: skip
-        for live in lives:  # TODO(fork): one prefill for the group
-            self.engine_loop.put(live, self.scheduler.num_waiting, self.config.max_queue)
+        first = lives[0].request
+        for live in lives[1:]:
+            if live.request.params.prompt_logprobs is None:  # one that scores the prompt must compute it all
+                live.request.fork_parent = first
+        self.engine_loop.put(lives, self.scheduler.num_waiting, self.config.max_queue)
         return [live.handle for live in lives]
 
     def _check(self, prompt_ids: Seq[int], adapter: str | None, params: SamplingParams) -> None:
@@ -158,6 +163,8 @@ class Engine:
         vocab = self.runner.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise RequestError(f"prompt token ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in params.token_ids()):
+            raise RequestError(f"logit_bias and stop_token_ids must name token ids in [0, {vocab})")
         if adapter is not None:
             try:
                 self.adapter_path(adapter)
@@ -212,12 +219,18 @@ class Engine:
             return 0
         chunks, needing = self._prepare(plan.scheduled)
         try:
-            tokens = self._sample(self.runner.run(chunks), needing)
+            logits = self.runner.run(chunks)
+            prompt_logprobs = self._prompt_logprobs(plan.scheduled, logits.positions)
+            sampling = [r for r in needing if r.params.max_new_tokens > 0]
+            sampled = sample(logits.sample, self.outputs.samplers(sampling))
         except Exception as exc:  # noqa: BLE001 - fail this batch's requests, keep serving
             self.outputs.fail([item.req for item in plan.scheduled], step_failure(exc, plan.num_tokens))
             return 0
         self._advance(plan.scheduled)
-        self.outputs.process(needing, tokens)
+        for req, logprobs in prompt_logprobs:
+            self.outputs.add_prompt_logprobs(req, logprobs)
+        self.outputs.finish_scored(r for r in needing if r.params.max_new_tokens == 0)
+        self.outputs.process(sampling, sampled)
         return plan.num_tokens
 
     def _take_new_requests(self) -> None:
@@ -237,7 +250,8 @@ class Engine:
 
     @staticmethod
     def _prepare(scheduled: Seq[ScheduledRequest]) -> tuple[list[SequenceChunk], list[EngineRequest]]:
-        """The model runner's chunks for this step, and the requests that get a token (their prompt is complete)."""
+        """The model runner's chunks for this step, and the requests whose prompt is complete (they get a token,
+        or, scoring only, finish)."""
         chunks = []
         needing = []
         for item in scheduled:
@@ -245,14 +259,34 @@ class Engine:
             assert req.row is not None and req.slot is not None, "a scheduled request holds a row and a slot"
             end = req.num_computed + item.num_tokens
             last = end == req.num_tokens
-            chunks.append(SequenceChunk(req.row, req.slot, req.token_slice(req.num_computed, end), req.num_computed,
-                                        needs_logits=last))  # fmt: skip
+            chunks.append(SequenceChunk(
+                req.row, req.slot, req.token_slice(req.num_computed, end), req.num_computed,
+                needs_logits=last and req.params.max_new_tokens > 0,
+                all_logits=req.params.prompt_logprobs is not None and req.in_prefill,
+                copy_from=item.fork_from,
+            ))  # fmt: skip
             if last:
                 needing.append(req)
         return chunks, needing
 
-    def _sample(self, logits: torch.Tensor, needing: Seq[EngineRequest]) -> list[int]:
-        return sample(logits, self.outputs.samplers(needing)).tokens
+    @staticmethod
+    def _prompt_logprobs(
+        scheduled: Seq[ScheduledRequest], positions: Seq[torch.Tensor]
+    ) -> list[tuple[EngineRequest, list[TokenLogprob | None]]]:
+        """Log-probabilities of the prompt tokens each prompt chunk predicts (``prompt_logprobs`` requests only).
+
+        A chunk at positions start..end predicts prompt tokens start+1..end (the last position of the prompt
+        predicts the first generated token, scored by the sampler); the prompt's first token has no prediction."""
+        out: list[tuple[EngineRequest, list[TokenLogprob | None]]] = []
+        wanting = [item for item in scheduled if item.req.params.prompt_logprobs is not None and item.req.in_prefill]
+        for item, logits in zip(wanting, positions, strict=True):
+            req, start = item.req, item.req.num_computed
+            k = req.params.prompt_logprobs
+            assert k is not None
+            targets = req.prompt_ids[start + 1 : start + item.num_tokens + 1]
+            first: list[TokenLogprob | None] = [None] if start == 0 else []
+            out.append((req, first + list(prompt_logprobs(logits, targets, k))))
+        return out
 
     @staticmethod
     def _advance(scheduled: Seq[ScheduledRequest]) -> None:

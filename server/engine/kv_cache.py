@@ -39,6 +39,11 @@ class KVCache:
         self.k[layer][rows, :, positions] = k
         self.v[layer][rows, :, positions] = v
 
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        """cache[:, dst, :, :length] = cache[:, src, :, :length] in every layer (a forked sequence's shared prompt)."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
     @staticmethod
     def for_model(
         config: PretrainedConfig, max_rows: int, max_len: int, dtype: torch.dtype, device: torch.device

@@ -9,7 +9,7 @@ held gets an error, ``running`` turns false (``/ready`` answers 503) and ``put``
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Generic, Protocol, TypeVar
 
 from server.engine.errors import EngineStoppedError, QueueFullError
@@ -50,14 +50,14 @@ class EngineLoop(Generic[T]):
         self._dead: str | None = None  # why the loop died; set once, under _wake
 
     # ---- any thread ----------------------------------------------------------------------------------------------
-    def put(self, item: T, waiting: int, max_queue: int) -> None:
-        """Hand ``item`` to the engine thread; ``waiting``: requests the scheduler already queues."""
+    def put(self, items: Sequence[T], waiting: int, max_queue: int) -> None:
+        """Hand ``items`` to the engine thread, all or none; ``waiting``: requests the scheduler already queues."""
         with self._wake:
             if self._dead is not None:
                 raise EngineStoppedError(self._dead)
-            if len(self._inbox) + waiting >= max_queue:
+            if len(self._inbox) + waiting + len(items) > max_queue:
                 raise QueueFullError(f"the queue holds {max_queue} waiting requests; retry later")
-            self._inbox.append(item)
+            self._inbox.extend(items)
             self._wake.notify()
 
     def queued(self) -> int:

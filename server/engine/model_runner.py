@@ -21,11 +21,26 @@ class SequenceChunk:
     slot: int
     token_ids: Sequence[int]
     start: int
-    needs_logits: bool  # False for a prompt chunk that does not reach the end of the prompt
+    needs_logits: bool  # the logits of the last position, to sample the next token from
+    all_logits: bool = False  # the logits of every position (prompt log-probabilities)
+    copy_from: tuple[int, int] | None = None  # (row, length): copy that row's first positions into ``row`` first
 
     @property
     def end(self) -> int:
         return self.start + len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class StepLogits:
+    """What one step's forward pass returns.
+
+    sample: [N, vocab] float32, the last position of each chunk with ``needs_logits``, in chunk order.
+    positions: for each chunk with ``all_logits``, in chunk order, [len(token_ids), vocab] float32 (one row per
+    position; the last equals that chunk's ``sample`` row when it also needs logits).
+    """
+
+    sample: torch.Tensor
+    positions: list[torch.Tensor]
 
 
 class ModelRunner:
@@ -54,8 +69,8 @@ class ModelRunner:
     def vocab_size(self) -> int:
         return int(self.model.config.vocab_size)
 
-    def run(self, chunks: Sequence[SequenceChunk]) -> torch.Tensor:
-        """Forward all chunks at once; logits [N, vocab] float32 for the chunks with ``needs_logits``, in order.
+    def run(self, chunks: Sequence[SequenceChunk]) -> StepLogits:
+        """Forward all chunks at once (after the KV row copies they ask for); see ``StepLogits``.
 
         Raises AcceleratorOutOfMemory (after emptying the allocator's cache) when the device runs out of memory."""
         try:
@@ -66,9 +81,12 @@ class ModelRunner:
             raise AcceleratorOutOfMemory(str(exc).splitlines()[0] if str(exc) else "out of memory") from None
 
     @torch.inference_mode()
-    def _run(self, chunks: Sequence[SequenceChunk]) -> torch.Tensor:
+    def _run(self, chunks: Sequence[SequenceChunk]) -> StepLogits:
         if not chunks:
             raise ValueError("nothing to run")
+        for c in chunks:
+            if c.copy_from is not None:
+                self.cache.copy_prefix(c.copy_from[0], c.row, c.copy_from[1])
         # Decode tokens first, then prompt chunks, each part sorted by LoRA slot: every adapter's decode tokens form
         # one run, every prompt chunk another, and the decode tokens of a step one span (the LoRA grid's usual case).
         order = sorted(range(len(chunks)), key=lambda i: (len(chunks[i].token_ids) > 1, chunks[i].slot))
@@ -78,7 +96,7 @@ class ModelRunner:
         slots: list[int] = []
         prefills: list[PrefillSegment] = []
         decodes: list[tuple[int, int, int]] = []  # (row, flattened index, context length)
-        keep: list[tuple[int, int]] = []  # (chunk index, flattened index of its last token)
+        keep: list[tuple[int, int]] = []  # (chunk index, flattened index) of each position whose logits are kept
         for i in order:
             c = chunks[i]
             if c.end > self.cache.max_len:
@@ -92,7 +110,9 @@ class ModelRunner:
                 decodes.append((c.row, first, c.end))
             else:
                 prefills.append(PrefillSegment(first, len(ids), c.row, c.end))
-            if c.needs_logits:
+            if c.all_logits:
+                keep.extend((i, t) for t in range(first, len(ids)))
+            elif c.needs_logits:
                 keep.append((i, len(ids) - 1))
 
         self.attention.metadata = self._metadata(rows, positions, prefills, decodes)
@@ -113,7 +133,22 @@ class ModelRunner:
                 )
         finally:
             self.attention.metadata = None
-        return out.logits[0].float()  # [N, vocab], chunk order because ``keep`` was sorted by chunk index
+        logits = out.logits[0].float()  # [K, vocab], chunk order because ``keep`` was sorted by chunk index
+        if not any(c.all_logits for c in chunks):
+            return StepLogits(logits, [])
+        sample_rows: list[int] = []
+        positions: list[torch.Tensor] = []
+        at = 0
+        for c in chunks:
+            if c.all_logits:
+                positions.append(logits[at : at + len(c.token_ids)])
+                at += len(c.token_ids)
+                if c.needs_logits:
+                    sample_rows.append(at - 1)
+            elif c.needs_logits:
+                sample_rows.append(at)
+                at += 1
+        return StepLogits(logits[sample_rows], positions)
 
     def _metadata(
         self,

@@ -13,14 +13,16 @@ from dataclasses import dataclass
 
 from server.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from server.engine.handle import RequestHandle, RequestOutput
+from server.engine.logprob import TokenLogprob
 from server.engine.request import EngineRequest, FinishReason, Status
-from server.engine.sampling import INVALID_TOKEN, RowSampler
+from server.engine.sampling import INVALID_TOKEN, RowSampler, SampleOutput
 from server.engine.scheduler import Scheduler
 from server.engine.stats import FinishedRecord, finished_record
 
 log = logging.getLogger(__name__)
 
 NON_FINITE_ERROR = "the model produced non-finite scores for this request (NaN or infinite logits)"
+GRAMMAR_ERROR = "the sampled token does not continue the request's structured-output grammar"
 
 
 @dataclass(eq=False)
@@ -34,6 +36,13 @@ class LiveRequest:
     stop: StopChecker
     emitted: int = 0  # characters of text already streamed
     unsent: str = ""  # generated text not streamed yet: a possible start of a stop string (< the longest stop)
+    # Log-probabilities of the prompt tokens computed so far (``prompt_logprobs``; entry 0 is None), sent with the
+    # request's first event; None once sent or when not asked for.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+    def take_prompt_logprobs(self) -> tuple[TokenLogprob | None, ...] | None:
+        held, self.prompt_logprobs = self.prompt_logprobs, None
+        return tuple(held) if held is not None else None
 
 
 class OutputProcessor:
@@ -50,14 +59,28 @@ class OutputProcessor:
     def samplers(self, requests: Iterable[EngineRequest]) -> list[RowSampler]:
         return [self._live[r.request_id].sampler for r in requests]
 
-    def process(self, requests: Seq[EngineRequest], tokens: Seq[int]) -> None:
+    def add_prompt_logprobs(self, request: EngineRequest, logprobs: Seq[TokenLogprob | None]) -> None:
+        """Log-probabilities of the next prompt tokens (this step's chunk of the prompt)."""
+        live = self._live[request.request_id]
+        if live.prompt_logprobs is None:
+            live.prompt_logprobs = []
+        live.prompt_logprobs.extend(logprobs)
+
+    def process(self, requests: Seq[EngineRequest], sampled: SampleOutput) -> None:
         """Append each request's sampled token (``INVALID_TOKEN``: the request fails, its neighbours go on)."""
-        for request, token in zip(requests, tokens, strict=True):
+        for request, token, logprob in zip(requests, sampled.tokens, sampled.logprobs, strict=True):
             live = self._live[request.request_id]
             if token == INVALID_TOKEN:
                 self.finish(live, FinishReason.ERROR, error=NON_FINITE_ERROR)
+            elif not live.sampler.record(token):
+                self.finish(live, FinishReason.ERROR, error=GRAMMAR_ERROR)
             else:
-                self._append_token(live, token)
+                self._append_token(live, token, logprob)
+
+    def finish_scored(self, requests: Iterable[EngineRequest]) -> None:
+        """Requests that only scored their prompt (``max_new_tokens`` 0) end once the prompt is done."""
+        for request in requests:
+            self.finish(self._live[request.request_id], FinishReason.LENGTH)
 
     def finish_aborted(self, requests: Iterable[EngineRequest]) -> None:
         """Give their final event to requests the scheduler already finished (cancelled, timed out, adapter failed)."""
@@ -100,6 +123,7 @@ class OutputProcessor:
         last_token: int | None = None,
         rest: str | None = None,
         error: str | None = None,
+        last_logprob: TokenLogprob | None = None,
     ) -> None:
         """End ``live``: free its row and pin, stream ``rest`` (default: the held-back text) and the final event."""
         request = live.request
@@ -107,44 +131,51 @@ class OutputProcessor:
         delta = rest if rest is not None else live.unsent
         live.emitted, live.unsent = live.emitted + len(delta), ""
         # The client hears first: an observer that fails must not leave this request without its final event.
-        live.handle.deliver(_final_event(request, last_token, delta, reason, error))
+        logprob = (last_logprob,) if last_logprob is not None else ()
+        live.handle.deliver(_final_event(request, last_token, delta, reason, error, logprob,
+                                         live.take_prompt_logprobs()))  # fmt: skip
         self._live.pop(request.request_id, None)
         record = finished_record(request)
         for observe in self.on_finish:
             observe(record)
 
-    def _append_token(self, live: LiveRequest, token: int) -> None:
+    def _append_token(self, live: LiveRequest, token: int, logprob: TokenLogprob | None) -> None:
         request = live.request
         if not request.output_ids:
             request.first_token_at = time.monotonic()
         request.output_ids.append(token)
+        params = request.params
+        # A stop token (end-of-sequence or one of stop_token_ids) ends the request and its text is not output.
+        stop_token = token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos)
+        if stop_token and len(request.output_ids) > params.min_tokens:
+            reason = FinishReason.STOP if token in params.stop_token_ids else FinishReason.EOS
+            self.finish(live, reason, token, live.unsent + live.detokenizer.flush(), last_logprob=logprob)
+            return
         # Only the new delta and the held-back tail are looked at: the cost of a token does not grow with the text.
         delta = live.detokenizer.add(token)
         live.unsent += delta
         stop_at = live.stop.feed(delta)  # index in the whole text; never before what was streamed (held back)
-        reason = self._finish_reason(request, token, stop_at)
-        if reason is None:
+        if stop_at is not None and len(request.output_ids) >= params.min_tokens:
+            self.finish(live, FinishReason.STOP, token, live.unsent[: stop_at - live.emitted], last_logprob=logprob)
+        elif len(request.output_ids) >= params.max_new_tokens:
+            self.finish(live, FinishReason.LENGTH, token, live.unsent + live.detokenizer.flush(), last_logprob=logprob)
+        else:
             safe = len(live.unsent) - live.stop.holdback
             out, live.unsent = live.unsent[:safe], live.unsent[safe:]
             live.emitted += safe
-            live.handle.deliver(RequestOutput(request.request_id, (token,), out))
-        elif stop_at is not None:
-            self.finish(live, reason, last_token=token, rest=live.unsent[: stop_at - live.emitted])
-        else:
-            self.finish(live, reason, last_token=token, rest=live.unsent + live.detokenizer.flush())
-
-    def _finish_reason(self, request: EngineRequest, token: int, stop_at: int | None) -> FinishReason | None:
-        if stop_at is not None:
-            return FinishReason.STOP
-        if token in self.eos_ids and not request.params.ignore_eos:
-            return FinishReason.EOS
-        if len(request.output_ids) >= request.params.max_new_tokens:
-            return FinishReason.LENGTH
-        return None
+            live.handle.deliver(RequestOutput(request.request_id, (token,), out,
+                                              logprobs=(logprob,) if logprob is not None else (),
+                                              prompt_logprobs=live.take_prompt_logprobs()))  # fmt: skip
 
 
 def _final_event(
-    request: EngineRequest, last_token: int | None, text: str, reason: FinishReason, error: str | None
+    request: EngineRequest,
+    last_token: int | None,
+    text: str,
+    reason: FinishReason,
+    error: str | None,
+    logprobs: tuple[TokenLogprob, ...] = (),
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None,
 ) -> RequestOutput:
     return RequestOutput(
         request.request_id,
@@ -155,4 +186,6 @@ def _final_event(
         prompt_tokens=len(request.prompt_ids),
         completion_tokens=len(request.output_ids),
         error=error,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
     )

@@ -43,6 +43,9 @@ class EngineRequest:
     admitted_at: float | None = None
     first_token_at: float | None = None
     finished_at: float | None = None
+    # Another sequence on the same prompt (``n`` > 1): while it runs with its prompt's K/V in the cache, this one
+    # starts from a copy of its row instead of prefilling the prompt again.
+    fork_parent: "EngineRequest | None" = None
 
     @property
     def num_tokens(self) -> int:
@@ -52,6 +55,17 @@ class EngineRequest:
     def max_tokens(self) -> int:
         """Positions this request can ever need: prompt plus every token it may generate."""
         return len(self.prompt_ids) + self.params.max_new_tokens
+
+    @property
+    def fork_length(self) -> int | None:
+        """Positions of the prompt this request can copy from its fork parent's KV row now, or None if it cannot.
+
+        All but the last prompt token: the last one is run again so that this request gets logits of its own."""
+        parent = self.fork_parent
+        if parent is None or parent.status is not Status.RUNNING or parent.row is None:
+            return None
+        length = len(self.prompt_ids) - 1
+        return length if parent.num_computed >= length else None
 
     @property
     def in_prefill(self) -> bool:

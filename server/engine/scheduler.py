@@ -63,6 +63,9 @@ class AdapterReads(Protocol):
 class ScheduledRequest:
     req: EngineRequest
     num_tokens: int  # new tokens this step: a prompt chunk, or 1 when decoding
+    # (source row, positions): copy that many positions of the source's KV row into this request's row before the
+    # step runs (a sequence forked from another on the same prompt; see EngineRequest.fork_parent).
+    fork_from: tuple[int, int] | None = None
 
 
 @dataclass
@@ -73,6 +76,17 @@ class SchedulerOutput:
     @property
     def num_tokens(self) -> int:
         return sum(s.num_tokens for s in self.scheduled)
+
+
+def _fork_length(req: EngineRequest) -> int | None:
+    """Prompt positions ``req`` copies from its fork parent at admission (0: prefill it all), or None: wait."""
+    parent = req.fork_parent
+    if parent is None:
+        return 0
+    if parent.status is Status.FINISHED:  # the parent's row is gone: prefill on its own
+        req.fork_parent = None
+        return 0
+    return req.fork_length
 
 
 class Scheduler:
@@ -202,6 +216,9 @@ class Scheduler:
             nonlocal budget
             if req.status is not Status.WAITING or not self._free_rows or budget <= 0:
                 return False
+            fork = _fork_length(req)
+            if fork is None:
+                return False  # its fork parent is still prefilling the shared prompt: wait for it, others go on
             slot = self._adapter_slot(req, out, urgent=req is head)
             if slot is None:
                 return False
@@ -211,8 +228,13 @@ class Scheduler:
             req.status = Status.RUNNING
             req.admitted_at = self.clock()
             self.running.append(req)
-            n = min(len(req.prompt_ids), budget)
-            out.scheduled.append(ScheduledRequest(req, n))
+            fork_from = None
+            if fork:
+                assert req.fork_parent is not None and req.fork_parent.row is not None
+                fork_from = (req.fork_parent.row, fork)
+                req.num_computed = fork  # the copy is made before this step runs
+            n = min(len(req.prompt_ids) - req.num_computed, budget)
+            out.scheduled.append(ScheduledRequest(req, n, fork_from))
             budget -= n
             return True
 

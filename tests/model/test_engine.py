@@ -1,6 +1,7 @@
 """The engine against PEFT's ``generate``: token for token, mixed adapters, staggered arrivals, chunked prompts."""
 
 import asyncio
+import dataclasses
 import gc
 import random
 import shutil
@@ -11,35 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from loadtests.common.peft_reference import PeftReference
 from server.engine import engine as engine_module
-from server.engine.engine import Engine, EngineConfig
 from server.engine.errors import EngineStoppedError, RequestError
 from server.engine.handle import RequestHandle, RequestResult
 from server.engine.loop import MAX_FAILED_STEPS
 from server.engine.request import FinishReason
 from server.engine.sampling_params import SamplingParams
-from server.model.loader import load_base_model
-from server.model.lora_model import LoraModel
+from tests.helpers.engines import make_engine, run_until_done
 from tests.helpers.slot_cache_probe import pin_count
-
-
-def make_engine(model_dir: Path, adapters: dict[str, Path], slots: int = 3, **config) -> Engine:
-    model = LoraModel(load_base_model(model_dir), num_slots=slots, max_rank=64)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    defaults = {"max_batch_size": 4, "max_seq_len": 160, "max_tokens_per_step": 24, "cpu_slots": 2}
-    return Engine(model, tokenizer, lambda name: adapters[name], EngineConfig(**{**defaults, **config}))
-
-
-def run_until_done(engine: Engine, limit: int = 5000) -> None:
-    for _ in range(limit):
-        if not engine.has_work():
-            return
-        if engine.step() == 0:
-            time.sleep(0.002)  # an adapter is being read on the loader thread
-    raise AssertionError("engine did not finish")
 
 
 @pytest.fixture(scope="module")
@@ -379,11 +361,12 @@ def test_non_finite_logits_fail_only_their_request(setup, monkeypatch) -> None:
     calls = {"n": 0}
 
     def poisoned(chunks):
-        logits = real_run(chunks).clone()  # out of inference mode, so it can be edited
+        out = real_run(chunks)
+        logits = out.sample.clone()  # out of inference mode, so it can be edited
         calls["n"] += 1
         if calls["n"] == 1:
             logits[0] = float("nan")  # the first scheduled request's row, as a broken adapter would make it
-        return logits
+        return dataclasses.replace(out, sample=logits)
 
     monkeypatch.setattr(engine.runner, "_run", poisoned)
     params = SamplingParams(max_new_tokens=4, ignore_eos=True)

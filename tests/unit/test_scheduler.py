@@ -143,3 +143,37 @@ def test_the_scheduler_and_the_registry_do_not_import_torch() -> None:
         "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('server'))"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _group(size: int, prompt_len: int) -> list[EngineRequest]:
+    prompt = list(range(1, prompt_len + 1))
+    group = [EngineRequest(f"g{i}", "g", prompt, SamplingParams(max_new_tokens=4), arrival=0.0) for i in range(size)]
+    for child in group[1:]:
+        child.fork_parent = group[0]
+    return group
+
+
+def test_forked_sequences_wait_for_the_shared_prefill_then_copy_all_but_the_last_prompt_token() -> None:
+    scheduler = Scheduler(4, 8, FakeSlots(), ReadyPrefetcher(), adapter_affinity=False)  # 12-token prompt: 2 steps
+    parent, child, other = [*_group(2, 12), seq("-x")]
+    for req in (parent, child, other):
+        scheduler.add(req)
+    assert admitted(scheduler) == ["g0"]  # the whole budget goes to the prompt's first chunk
+    assert admitted(scheduler) == ["-x"]  # the parent still prefills: its child waits, the next request does not
+    plan = scheduler.schedule()
+    forked = [item for item in plan.scheduled if item.req is child]
+    assert forked and forked[0].fork_from == (parent.row, 11) and forked[0].num_tokens == 1
+    assert child.num_computed == 11 and child.row != parent.row
+
+
+def test_a_forked_sequence_prefills_alone_when_its_parent_has_finished() -> None:
+    scheduler = Scheduler(1, 64, FakeSlots(), ReadyPrefetcher())
+    parent, child = _group(2, 5)
+    scheduler.add(parent)
+    scheduler.add(child)
+    assert admitted(scheduler) == ["g0"]
+    assert admitted(scheduler) == []  # no free row
+    scheduler.finish(parent, FinishReason.LENGTH)
+    plan = scheduler.schedule()
+    assert [(i.req.request_id, i.num_tokens, i.fork_from) for i in plan.scheduled] == [("g1", 5, None)]
+    assert child.fork_parent is None
