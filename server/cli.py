@@ -41,6 +41,8 @@ def serve(flags: list[str]) -> int:
                         "upload adapters and generate", settings.host)  # fmt: skip
         else:
             log.info("no API keys are configured: listening on %s only", settings.host)
+    if settings.lora_load_dir is not None:
+        log.info("POST /v1/load_lora_adapter may register adapters from folders under %s", settings.lora_load_dir)
 
     import uvicorn
 

@@ -25,6 +25,11 @@ class Settings(BaseSettings):
     startup_adapters: Path | None = Field(
         Path("adapters"), description="folder whose PEFT subfolders are registered at boot (skipped if missing)"
     )
+    lora_load_dir: Path | None = Field(
+        None,
+        description="folder under which POST /v1/load_lora_adapter (vLLM's dynamic loading) may read PEFT folders; "
+        "unset: that endpoint is disabled",
+    )
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=1, le=65535)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -75,6 +80,14 @@ class Settings(BaseSettings):
             raise ValueError("a key must be printable ASCII without spaces: clients send it in an HTTP header "
                              "(Authorization: Bearer <key>)")  # fmt: skip
         return key
+
+    @field_validator("lora_load_dir")
+    @classmethod
+    def _existing_dir(cls, path: Path | None) -> Path | None:
+        """A folder that is not there would make every load fail later, with a reason the client cannot fix."""
+        if path is not None and not path.is_dir():
+            raise ValueError(f"{str(path)!r} is not an existing directory")
+        return path
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":

@@ -8,7 +8,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server.api import routes_adapters, routes_generate, routes_openai
+from server.api import routes_adapters, routes_generate, routes_openai, routes_vllm
 from server.api.auth import KeyPolicy, require_health_key, require_metrics_key
 from server.api.body_limit import BodySizeGuard
 from server.api.errors import error_response, install_error_handlers
@@ -41,6 +41,7 @@ def create_app(service: Service) -> FastAPI:
     app.include_router(routes_generate.router)
     app.include_router(routes_adapters.router)
     app.include_router(routes_openai.router)
+    app.include_router(routes_vllm.router)
 
     @app.get("/health", dependencies=[Depends(require_health_key)])
     async def health() -> dict[str, str]:

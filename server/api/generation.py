@@ -1,7 +1,7 @@
 """Submitting a generation to the engine from an async handler, shared by our API and the OpenAI-compatible one."""
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import ParamSpec, TypeVar
 
 from fastapi import Request
@@ -12,6 +12,7 @@ from server.engine.errors import EngineStoppedError, QueueFullError, RequestErro
 from server.engine.handle import RequestHandle, RequestOutput, RequestResult, collect
 from server.engine.request import FinishReason
 from server.engine.sampling_params import SamplingParams
+from server.engine.structured_output import CompiledGrammar
 from server.service import Service
 
 RETRY_AFTER_SECONDS = "1"
@@ -34,13 +35,33 @@ def _invalid_as_422(make: Callable[P, T]) -> Callable[P, T]:
 sampling_params = _invalid_as_422(SamplingParams)
 
 
-def submit(service: Service, prompt_ids: Sequence[int], adapter: str | None, params: SamplingParams) -> RequestHandle:
+def submit(
+    service: Service,
+    prompt_ids: Sequence[int],
+    adapter: str | None,
+    params: SamplingParams,
+    grammar: CompiledGrammar | None = None,
+) -> RequestHandle:
     """Queue the request; 404 for an unknown adapter, 400 for limits, 429 with Retry-After when the queue is full."""
+    [handle] = submit_group(service, prompt_ids, adapter, [params], grammar)
+    return handle
+
+
+def submit_group(
+    service: Service,
+    prompt_ids: Sequence[int],
+    adapter: str | None,
+    params: Sequence[SamplingParams],
+    grammar: CompiledGrammar | None = None,
+) -> list[RequestHandle]:
+    """Queue one sequence per ``params`` on one prompt (OpenAI's ``n``; the engine prefills the prompt once), with
+    ``submit``'s answers for what cannot be queued: all the group's sequences are queued, or none."""
     if adapter is not None and adapter not in service.registry:
         service.metrics.observe_rejected_unknown()
         raise ApiError(404, "not_found", f"adapter {adapter!r} is not registered")
     try:
-        return service.engine.submit(prompt_ids, adapter, params, loop=asyncio.get_running_loop())
+        return service.engine.submit_group(prompt_ids, adapter, params, loop=asyncio.get_running_loop(),
+                                           grammar=grammar)  # fmt: skip
     except UnknownAdapterError as exc:  # deleted between the registry check and the engine's
         service.metrics.observe_rejected_unknown()
         raise ApiError(404, "not_found", str(exc)) from None
@@ -52,6 +73,29 @@ def submit(service: Service, prompt_ids: Sequence[int], adapter: str | None, par
         raise ApiError(429, "queue_full", str(exc), {"Retry-After": RETRY_AFTER_SECONDS}) from None
     except EngineStoppedError as exc:  # the engine loop died: this replica serves nothing until it is restarted
         raise ApiError(503, "unavailable", str(exc)) from None
+
+
+def submit_groups(
+    service: Service,
+    groups: Sequence[tuple[Sequence[int], Sequence[SamplingParams]]],
+    adapter: str | None,
+    grammar: CompiledGrammar | None = None,
+) -> list[RequestHandle]:
+    """Queue several prompts' groups together (a batched completions request), in order, so they run concurrently;
+    a group that cannot be queued cancels the ones queued before it and answers its error."""
+    handles: list[RequestHandle] = []
+    try:
+        for prompt_ids, params in groups:
+            handles += submit_group(service, prompt_ids, adapter, params, grammar)
+    except ApiError:
+        cancel(handles)
+        raise
+    return handles
+
+
+def cancel(handles: Iterable[RequestHandle]) -> None:
+    for handle in handles:
+        handle.cancel()
 
 
 def raise_if_failed(output: RequestOutput) -> None:
@@ -68,18 +112,34 @@ def raise_if_failed(output: RequestOutput) -> None:
 async def run_to_completion(handle: RequestHandle, request: Request) -> RequestResult:
     """Wait for the whole answer; a client that disconnects first cancels the request (its row and adapter pin are
     freed at the next step) instead of leaving it to run for nobody."""
-
-    async def gather() -> list[RequestOutput]:
-        return [output async for output in handle]
-
-    outputs = await _unless_disconnected(gather(), handle, request)
-    raise_if_failed(outputs[-1])
-    return collect(outputs)
+    [result] = await run_all([handle], request)
+    return result
 
 
-async def _unless_disconnected(work: Awaitable[T], handle: RequestHandle, request: Request) -> T:
+async def run_all(handles: Sequence[RequestHandle], request: Request) -> list[RequestResult]:
+    """``run_to_completion`` for every handle of one client request, together: the first one that fails cancels
+    the others and answers its error; a client that disconnects cancels them all."""
+
+    async def one(handle: RequestHandle) -> RequestResult:
+        outputs = [output async for output in handle]
+        raise_if_failed(outputs[-1])
+        return collect(outputs)
+
+    async def every() -> list[RequestResult]:
+        tasks = [asyncio.ensure_future(one(handle)) for handle in handles]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:  # after a failure: the others stop reading, and a handle whose reader stops cancels its request
+            for task in tasks:
+                task.cancel()
+
+    return await _unless_disconnected(every(), handles, request)
+
+
+async def _unless_disconnected(work: Awaitable[T], handles: Sequence[RequestHandle], request: Request) -> T:
     """``work``'s result, unless the client goes away first (or this handler is cancelled, e.g. at shutdown): then
-    the request is cancelled, so it leaves the queue or its row at the next step, and ClientDisconnected is raised."""
+    every handle's request is cancelled, so it leaves the queue or its row at the next step, and ClientDisconnected
+    is raised."""
     waiting = asyncio.ensure_future(work)
     watching = asyncio.ensure_future(_disconnected(request))
     try:
@@ -87,7 +147,7 @@ async def _unless_disconnected(work: Awaitable[T], handle: RequestHandle, reques
     finally:
         watching.cancel()
         if not waiting.done():
-            handle.cancel()
+            cancel(handles)
             waiting.cancel()
     if waiting not in done:
         raise ClientDisconnected
@@ -103,23 +163,76 @@ async def _disconnected(request: Request) -> None:
 
 
 async def stream(handle: RequestHandle, request: Request) -> AsyncIterator[RequestOutput]:
-    """The handle's outputs, after waiting for the first one so a failure still answers with a status code
-    (503) instead of a broken stream. The wait can be long (the request may be queued behind a full batch) and no
-    response exists yet to notice a disconnect, so the client is watched here: one that goes away cancels the
-    request, which leaves the queue (or its row) at the next step instead of being prefilled for nobody."""
-    outputs = aiter(handle)
-    first = await _unless_disconnected(anext(outputs), handle, request)
-    raise_if_failed(first)
+    """``stream_all`` for one handle, without the index."""
+    outputs = await stream_all([handle], request)
 
-    async def chained() -> AsyncIterator[RequestOutput]:
+    async def plain() -> AsyncIterator[RequestOutput]:
         try:
-            yield first
-            async for output in outputs:
+            async for _, output in outputs:
                 yield output
         finally:
-            await outputs.aclose()  # a client that went away cancels its request now, not at garbage collection
+            await outputs.aclose()
 
-    return chained()
+    return plain()
+
+
+async def stream_all(
+    handles: Sequence[RequestHandle], request: Request
+) -> AsyncGenerator[tuple[int, RequestOutput], None]:
+    """The handles' outputs as (handle index, output), interleaved as they come, after waiting for each handle's
+    first output so a failure still answers with a status code (503) instead of a broken stream. The wait can be
+    long (the requests may be queued behind a full batch) and no response exists yet to notice a disconnect, so the
+    client is watched here: one that goes away cancels every request, which leaves the queue (or its row) at the
+    next step instead of being prefilled for nobody. Closing the returned generator (a client gone while streaming)
+    cancels every request still running."""
+    iterators = [aiter(handle) for handle in handles]
+
+    async def firsts() -> list[RequestOutput]:
+        return list(await asyncio.gather(*(anext(it) for it in iterators)))
+
+    first = await _unless_disconnected(firsts(), handles, request)
+    try:
+        for output in first:
+            raise_if_failed(output)
+    except ApiError:
+        cancel(handles)
+        for iterator in iterators:
+            await iterator.aclose()
+        raise
+    return _interleaved(iterators, first)
+
+
+async def _interleaved(
+    iterators: list[AsyncGenerator[RequestOutput, None]], first: list[RequestOutput]
+) -> AsyncGenerator[tuple[int, RequestOutput], None]:
+    """Each iterator's first output (in order), then all their outputs as they come."""
+    queue: asyncio.Queue[tuple[int, RequestOutput | None]] = asyncio.Queue()
+
+    async def pump(index: int) -> None:
+        try:
+            if not first[index].finished:
+                async for output in iterators[index]:
+                    await queue.put((index, output))
+        finally:
+            queue.put_nowait((index, None))
+
+    pumps = [asyncio.ensure_future(pump(i)) for i in range(len(iterators))]
+    try:
+        for index, output in enumerate(first):
+            yield index, output
+        running = len(pumps)
+        while running:
+            index, item = await queue.get()
+            if item is None:
+                running -= 1
+            else:
+                yield index, item
+    finally:
+        for task in pumps:  # a handle whose reader stops cancels its request (RequestHandle.__aiter__)
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+        for iterator in iterators:  # the ones no pump read (finished at their first output)
+            await iterator.aclose()
 
 
 # Our API's finish reasons: length | stop | eos, and timeout | error for a stream that had to end early (a

@@ -1,8 +1,8 @@
-"""The subset of OpenAI's completions and chat completions bodies we serve.
+"""The OpenAI completions and chat completions bodies we serve (the answers are in ``openai_responses``).
 
 Nothing is accepted and ignored: an unknown field is refused (400, naming it), and so is a known OpenAI field we do
-not implement unless it carries its neutral value (``logprobs: null``, ``presence_penalty: 0``, ``logit_bias: {}``,
-...), which asks for nothing we skip. ``user`` is the one field taken and ignored: it only labels the caller."""
+not implement (``suffix``) unless it carries its neutral value, and a value we do not serve (``best_of`` above
+``n``). ``user`` is the one field taken and ignored: it only labels the caller."""
 
 import json
 from typing import Annotated, Any, Literal
@@ -10,12 +10,13 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 from pydantic.fields import FieldInfo
 
-from server.api.schemas import StopString
-from server.engine.sampling_params import MAX_STOP_STRINGS
+from server.api.schemas import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, LogitBias, StopString, TokenId
+from server.api.structured_fields import Choices, JsonSchema, ResponseFormat, StructuredOutputs
+from server.engine.logprob import MAX_TOP_LOGPROBS
+from server.engine.sampling_params import MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 
-# OpenAI's finish reasons that we produce (a request that ends early answers an error instead).
-OpenAIFinishReason = Literal["stop", "length"]
-_WHY = {"logprobs": " (log-probabilities are not served yet)"}
+MAX_PROMPTS = 64  # prompts of one completions request
+MAX_N = 16  # choices per prompt
 
 
 def _not_served(*neutral: JsonValue) -> Any:
@@ -47,24 +48,37 @@ class StreamOptions(BaseModel):
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)  # unknown fields refused, known ones typed strictly
 
-    model: str = Field(..., description="an adapter name, or the base model's id")
+    model: str | None = Field(None, description="an adapter name, or the base model's id (null or absent: the base)")
     max_tokens: int | None = Field(None, ge=1, le=1_000_000)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    top_k: int = Field(-1, ge=-1, le=1_000_000, description="extension (vLLM): -1 or 0 = off")
+    n: int = Field(1, ge=1, le=MAX_N, description="choices per prompt")
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop_token_ids: list[TokenId] | None = Field(
+        None, max_length=MAX_STOP_TOKEN_IDS, description="extension (vLLM): token ids that end a choice"
+    )
+    seed: int | None = Field(None, ge=0, lt=2**63, description="choice i of a prompt uses seed + i")
     stream: bool = False
-    ignore_eos: bool = Field(False, description="extension (as in vLLM): keep generating past end-of-sequence tokens")
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256, description="the caller's label; accepted and not used")
-    # Known OpenAI fields not implemented yet: only their neutral value is accepted; any other value parses, then
-    # answers 400 naming the field (``unsupported``).
-    presence_penalty: float | None = _not_served(0, None)
-    frequency_penalty: float | None = _not_served(0, None)
-    logit_bias: dict[str, float] | None = Field(
-        None, description="not implemented: only {} or null", json_schema_extra={"maxProperties": 0}
+    ignore_eos: bool = Field(False, description="extension (as in vLLM): keep generating past end-of-sequence tokens")
+    presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(
+        1.0,
+        ge=MIN_REPETITION_PENALTY,
+        le=MAX_REPETITION_PENALTY,
+        description="extension (vLLM): 1 = off; > 1 discourages prompt and output tokens",
     )
+    logit_bias: LogitBias | None = None
+    min_tokens: int = Field(0, ge=0, le=1_000_000, description="extension (vLLM): no EOS or stop before this many")
+    skip_special_tokens: bool = Field(True, description="extension (vLLM): leave special tokens out of the text")
+    response_format: ResponseFormat | None = None
+    guided_json: JsonSchema | str | None = Field(None, description="extension (vLLM): a JSON Schema to follow")
+    guided_regex: str | None = Field(None, description="extension (vLLM): a regular expression to follow")
+    guided_choice: Choices | None = Field(None, description="extension (vLLM): the output is one of these")
+    structured_outputs: StructuredOutputs | None = Field(None, description="extension (vLLM): one of its fields")
 
     def unsupported(self) -> list[str]:
         """The fields set to something this server does not do (each must be refused, never ignored)."""
@@ -73,9 +87,7 @@ class _Request(BaseModel):
             served = _served_values(info)
             value = getattr(self, name)
             if served is not None and value not in served:
-                out.append(f"{name} = {_shown(value)}" + _WHY.get(name, ""))
-        if self.logit_bias:
-            out.append("logit_bias (not empty)")
+                out.append(f"{name} = {_shown(value)}")
         return out
 
     @property
@@ -88,20 +100,21 @@ class _Request(BaseModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
-class CompletionRequest(_Request):
-    prompt: str | list[str] = Field(..., description="one prompt (a list must hold exactly one string)")
-    max_tokens: int | None = Field(16, ge=1, le=1_000_000)
-    echo: bool = False
-    logprobs: int | None = _not_served(None)
-    best_of: int | None = _not_served(1, None)
-    suffix: str | None = _not_served(None)
+Prompts = Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+TokenPrompt = Annotated[list[TokenId], Field(min_length=1)]
+TokenPrompts = Annotated[list[TokenPrompt], Field(min_length=1, max_length=MAX_PROMPTS)]
 
-    def single_prompt(self) -> str:
-        if isinstance(self.prompt, str):
-            return self.prompt
-        if len(self.prompt) != 1:
-            raise ValueError("prompt must be a string or a list of exactly one string")
-        return self.prompt[0]
+
+class CompletionRequest(_Request):
+    prompt: str | Prompts | TokenPrompt | TokenPrompts = Field(
+        ..., description=f"a string, a list of strings, a list of token ids, or a list of such lists (at most "
+        f"{MAX_PROMPTS} prompts); one choice per prompt and per n"
+    )  # fmt: skip
+    max_tokens: int | None = Field(16, ge=0, le=1_000_000, description="0: only score the prompt (needs echo)")
+    echo: bool = Field(False, description="the prompt's text (and, with logprobs, its tokens) before the completion")
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="alternatives per token (vLLM: <= 20)")
+    best_of: int | None = Field(None, ge=1, le=MAX_N, description="only null or n")
+    suffix: str | None = _not_served(None)
 
 
 class ChatMessage(BaseModel):
@@ -114,80 +127,7 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000)
-    logprobs: bool | None = _not_served(False, None)
-    top_logprobs: int | None = _not_served(0, None)
-
-
-class CompletionUsage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class CompletionChoice(BaseModel):
-    index: int = 0
-    text: str
-    finish_reason: OpenAIFinishReason | None
-    logprobs: None = None
-
-
-class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: CompletionUsage | None = None
-
-
-class ChatChoiceMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class ChatChoice(BaseModel):
-    index: int = 0
-    message: ChatChoiceMessage
-    finish_reason: OpenAIFinishReason
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: CompletionUsage
-
-
-class ChatDelta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChatChunkChoice(BaseModel):
-    index: int = 0
-    delta: ChatDelta
-    finish_reason: OpenAIFinishReason | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: CompletionUsage | None = None
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "lora-server"
-    parent: str | None = None
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
+    logprobs: bool | None = Field(False, description="log-probabilities of each generated token")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="alternatives per token (needs logprobs: true)"
+    )

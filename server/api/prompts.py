@@ -15,6 +15,7 @@ import os
 import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TypeVar
 
 from jinja2 import TemplateError, TemplateSyntaxError
@@ -31,7 +32,9 @@ _POOL = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_
 _LONGEST: "weakref.WeakKeyDictionary[PreTrainedTokenizerBase, int]" = weakref.WeakKeyDictionary()  # -> longest entry
 
 
-async def _off_loop(fn: Callable[..., T], *args: object) -> T:
+async def off_loop(fn: Callable[..., T], *args: object) -> T:
+    """``fn(*args)`` on the tokenizer pool: tokenizer work (encoding, and decoding token by token for
+    log-probabilities) that grows with the text must not stall the event loop."""
     return await asyncio.get_running_loop().run_in_executor(_POOL, fn, *args)
 
 
@@ -47,7 +50,7 @@ async def max_prompt_chars(service: Service) -> int:
     tokenizer = service.tokenizer
     longest = _LONGEST.get(tokenizer)
     if longest is None:  # once per process: reading a 150k-entry vocabulary takes ~0.1 s, off the loop too
-        longest = _LONGEST.setdefault(tokenizer, await _off_loop(longest_token_chars, tokenizer))
+        longest = _LONGEST.setdefault(tokenizer, await off_loop(longest_token_chars, tokenizer))
     settings = service.settings
     limit = settings.max_prompt_tokens if settings.max_prompt_tokens is not None else settings.max_seq_len - 1
     return limit * longest
@@ -66,30 +69,60 @@ def _encode(tokenizer: PreTrainedTokenizerBase, text: str, add_special_tokens: b
     return ids
 
 
-async def encode_prompt(service: Service, prompt: str) -> list[int]:
-    """Token ids of a plain prompt (with the tokenizer's BOS, as ``tokenizer(prompt)`` adds it); 400 when it is too
-    long in characters, before any tokenising."""
+async def encode_prompt(service: Service, prompt: str, *, add_special_tokens: bool = True) -> list[int]:
+    """Token ids of a plain prompt (with the tokenizer's BOS, as ``tokenizer(prompt)`` adds it, unless
+    ``add_special_tokens`` is False); 400 when it is too long in characters, before any tokenising."""
     _check_chars("prompt", len(prompt), await max_prompt_chars(service))
-    return await _off_loop(_encode, service.tokenizer, prompt, True)
+    return await off_loop(_encode, service.tokenizer, prompt, add_special_tokens)
 
 
-def _render_and_encode(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], limit: int) -> list[int]:
+@dataclass(frozen=True)
+class ChatOptions:
+    """How a conversation becomes a prompt; the defaults are the chat completions endpoint's."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False  # the template writes the special tokens it wants
+
+
+def _render_and_encode(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], limit: int, options: ChatOptions
+) -> list[int]:
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(
+            messages,
+            add_generation_prompt=options.add_generation_prompt,
+            continue_final_message=options.continue_final_message,
+            tokenize=False,
+        )
     except TemplateSyntaxError:
         raise  # the server's template is broken: not the client's fault, a 500 (and a log line)
-    except TemplateError as exc:  # raise_exception(...) of the template, e.g. "roles must alternate"
+    except (TemplateError, ValueError) as exc:  # the template's raise_exception(...), e.g. "roles must alternate";
+        # transformers' ValueError: continue_final_message without a final message to continue, ...
         raise ApiError(400, "invalid_request", f"the chat template refused the messages: {exc}") from None
     assert isinstance(text, str)  # tokenize=False with one conversation renders one string
     _check_chars("rendered chat", len(text), limit)
-    return _encode(tokenizer, text, False)  # the template wrote the special tokens it wants
+    return _encode(tokenizer, text, options.add_special_tokens)
 
 
-async def encode_chat(service: Service, messages: list[dict[str, str]]) -> list[int]:
+async def encode_chat(
+    service: Service, messages: list[dict[str, str]], options: ChatOptions = ChatOptions()
+) -> list[int]:
     """Token ids of ``messages`` rendered by the base model's chat template; 400 when the template has none or
     refuses the conversation, or when the messages (or the rendered chat) are too long in characters."""
     if not service.tokenizer.chat_template:
         raise ApiError(400, "invalid_request", "the base model's tokenizer has no chat template")
     limit = await max_prompt_chars(service)
     _check_chars("messages' content", sum(len(m["content"]) for m in messages), limit)
-    return await _off_loop(_render_and_encode, service.tokenizer, messages, limit)
+    return await off_loop(_render_and_encode, service.tokenizer, messages, limit, options)
+
+
+def _decode(tokenizer: PreTrainedTokenizerBase, ids: list[int], skip_special_tokens: bool) -> str:
+    text = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    assert isinstance(text, str)  # a flat id list decodes to one string
+    return text
+
+
+async def decode_prompt(service: Service, ids: list[int], skip_special_tokens: bool) -> str:
+    """The text of a token-id prompt (to echo it), decoded off the event loop."""
+    return await off_loop(_decode, service.tokenizer, ids, skip_special_tokens)

@@ -29,7 +29,7 @@ def _info(service: Service, record: AdapterRecord) -> AdapterInfo:
     return AdapterInfo.model_validate({**record.to_json(), "state": service.adapter_state(record.name)})
 
 
-def _as_api_error(exc: Exception) -> ApiError:
+def as_api_error(exc: Exception) -> ApiError:
     match exc:
         case InvalidAdapterName() | BadArchive():
             return ApiError(400, "invalid_request", str(exc))
@@ -73,7 +73,7 @@ async def upload_adapter(
             assert adapter_config is not None and adapter_model is not None
             record = await run_in_threadpool(service.registry.add_files, name, adapter_config.file, adapter_model.file)
     except (RegistryError, AdapterError) as exc:
-        raise _as_api_error(exc) from None
+        raise as_api_error(exc) from None
     return _info(service, record)
 
 
@@ -91,7 +91,7 @@ async def get_adapter(name: str, request: Request) -> AdapterInfo:
     try:
         return _info(service, service.registry.get(name))
     except RegistryError as exc:
-        raise _as_api_error(exc) from None
+        raise as_api_error(exc) from None
 
 
 @router.delete("/v1/adapters/{name}", status_code=204, responses=_ERRORS, dependencies=[Depends(require_admin)])
@@ -102,5 +102,5 @@ async def delete_adapter(name: str, request: Request) -> Response:
     try:
         await run_in_threadpool(service.delete_adapter, name)
     except RegistryError as exc:
-        raise _as_api_error(exc) from None
+        raise as_api_error(exc) from None
     return Response(status_code=204)

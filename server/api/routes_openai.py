@@ -1,93 +1,54 @@
 """OpenAI-compatible ``/v1/completions``, ``/v1/chat/completions`` and ``/v1/models``; ``model`` names an adapter
-or the base model. The official ``openai`` client works against these, streaming included."""
+or the base model. The official ``openai`` client works against these, streaming included.
+
+A request's prompts (a completions request may batch several) and choices (``n`` per prompt) are all submitted
+together, so they run concurrently in the engine; each prompt's ``n`` choices share one prefill."""
 
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import overload
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from server.api.auth import require_inference
-from server.api.errors import ApiError
-from server.api.generation import run_to_completion, sampling_params, stream, submit
-from server.api.openai_schemas import (
-    ChatChoice,
-    ChatChoiceMessage,
+from server.api.generation import run_all, stream_all, submit_groups
+from server.api.openai_choices import CompletionChoices, chat_choice, chat_logprobs_of, finish_reason, usage
+from server.api.openai_params import (
+    Prompt,
+    adapter_for,
+    chat_params,
+    completion_params,
+    completion_prompts,
+    refuse_unsupported,
+)
+from server.api.openai_responses import (
     ChatChunkChoice,
     ChatCompletionChunk,
-    ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
+    ChatLogprobs,
     CompletionChoice,
-    CompletionRequest,
     CompletionResponse,
     CompletionUsage,
     ModelCard,
     ModelList,
     OpenAIFinishReason,
 )
-from server.api.prompts import encode_chat, encode_prompt
+from server.api.openai_schemas import ChatCompletionRequest, CompletionRequest
+from server.api.prompts import encode_chat, off_loop
+from server.api.sampling_fields import grammar_for
 from server.api.schemas import ErrorBody, ErrorResponse, error_responses
-from server.engine.handle import RequestHandle, RequestOutput, RequestResult
+from server.api.structured_fields import openai_spec
+from server.engine.handle import RequestOutput
 from server.engine.request import FinishReason
+from server.engine.structured_output import CompiledGrammar
 from server.service import Service
 
 router = APIRouter(dependencies=[Depends(require_inference)])
 _ERRORS = error_responses(400, 401, 404, 413, 422, 429, 503, 504)
-
-
-def _adapter_for(service: Service, model: str) -> str | None:
-    if model == service.base_model_id:
-        return None
-    if model in service.registry:
-        return model
-    raise ApiError(404, "not_found", f"model {model!r} does not exist; GET /v1/models lists the base and adapters")
-
-
-@overload
-def _reason(reason: FinishReason) -> OpenAIFinishReason: ...
-@overload
-def _reason(reason: None) -> None: ...
-def _reason(reason: FinishReason | None) -> OpenAIFinishReason | None:
-    if reason is None:
-        return None
-    return "length" if reason is FinishReason.LENGTH else "stop"
-
-
-def _start(service: Service, body: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int]) -> RequestHandle:
-    max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
-    params = sampling_params(
-        max_new_tokens=max_tokens or _default_max_tokens(service, len(prompt_ids)),
-        temperature=body.temperature,
-        top_p=body.top_p,
-        seed=body.seed,
-        stop=body.stop_list(),
-        ignore_eos=body.ignore_eos,
-    )
-    return submit(service, prompt_ids, _adapter_for(service, body.model), params)
-
-
-def _default_max_tokens(service: Service, prompt_len: int) -> int:
-    """OpenAI's default for ``max_tokens`` is "as many as fit"; the per-request limit caps it when one is set."""
-    fit = max(1, service.settings.max_seq_len - prompt_len)
-    limit = service.settings.max_new_tokens
-    return fit if limit is None else min(fit, limit)
-
-
-def _usage(result: RequestResult) -> CompletionUsage:
-    total = result.prompt_tokens + result.completion_tokens
-    return CompletionUsage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-                           total_tokens=total)  # fmt: skip
-
-
-def _usage_of(out: RequestOutput) -> CompletionUsage:
-    """Usage from a stream's final output (``stream_options.include_usage``)."""
-    total = out.prompt_tokens + out.completion_tokens
-    return CompletionUsage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
-                           total_tokens=total)  # fmt: skip
+_SSE_HEADERS = {"Cache-Control": "no-cache"}
 
 
 def _sse(chunk: BaseModel | str) -> str:
@@ -102,83 +63,108 @@ def _stream_error(out: RequestOutput) -> str | None:
     return _sse(ErrorResponse(error=ErrorBody(type=type_, message=out.error or "the request ended early")))
 
 
-def _refuse_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None:
-    """400 naming every field set to something this server does not do: a wrong answer that looks right (say, no
-    log-probabilities where an evaluation harness asked for them) is worse than none."""
-    if unsupported := body.unsupported():
-        raise ApiError(400, "unsupported_field", f"not supported by this server: {'; '.join(unsupported)}")
+async def _grammar(service: Service, body: CompletionRequest | ChatCompletionRequest) -> CompiledGrammar | None:
+    spec = openai_spec(body.response_format, body.guided_json, body.guided_regex, body.guided_choice,
+                       body.structured_outputs)  # fmt: skip
+    return await grammar_for(service, spec)
 
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS)
 async def completions(body: CompletionRequest, request: Request):
     service: Service = request.app.state.service
-    _refuse_unsupported(body)
-    try:
-        prompt = body.single_prompt()
-    except ValueError as exc:
-        raise ApiError(422, "invalid_request", str(exc)) from None
-    handle = _start(service, body, await encode_prompt(service, prompt))
+    refuse_unsupported(body)
+    adapter = adapter_for(service, body.model)
+    prompts = await completion_prompts(service, body)
+    params = completion_params(service, body, prompts)
+    grammar = await _grammar(service, body)
+    handles = submit_groups(service, [(p.ids, ps) for p, ps in zip(prompts, params, strict=True)], adapter, grammar)
+    choices = CompletionChoices(service.tokenizer, body, prompts)
     created, cid = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
-    prefix = prompt if body.echo else ""
     if not body.stream:
-        result = await run_to_completion(handle, request)
-        usage = _usage(result)
-        choice = CompletionChoice(text=prefix + result.text, finish_reason=_reason(result.finish_reason))
-        return CompletionResponse(id=cid, created=created, model=body.model, choices=[choice], usage=usage)
-    outputs = await stream(handle, request)
+        results = await run_all(handles, request)
+        answer = await off_loop(choices.choices, results)  # log-probabilities of long prompts take a while
+        used = usage(prompts, sum(r.completion_tokens for r in results))
+        return CompletionResponse(id=cid, created=created, model=body.model or service.base_model_id, choices=answer,
+                                  usage=used)  # fmt: skip
+    outputs = await stream_all(handles, request)
+    model = body.model or service.base_model_id
+
+    def chunk(choices: list[CompletionChoice], used: CompletionUsage | None = None) -> str:
+        return _sse(CompletionResponse(id=cid, created=created, model=model, choices=choices, usage=used))
 
     async def events() -> AsyncIterator[str]:
-        if prefix:
-            yield _sse(CompletionResponse(id=cid, created=created, model=body.model,
-                                          choices=[CompletionChoice(text=prefix, finish_reason=None)]))  # fmt: skip
-        async for out in outputs:
-            if (error := _stream_error(out)) is not None:
-                yield error
-                break
-            choice = CompletionChoice(text=out.text, finish_reason=_reason(out.finish_reason))
-            yield _sse(CompletionResponse(id=cid, created=created, model=body.model, choices=[choice]))
-            if out.finished and body.include_usage:
-                usage = _usage_of(out)
-                yield _sse(CompletionResponse(id=cid, created=created, model=body.model, choices=[], usage=usage))
+        started: set[int] = set()
+        generated: dict[int, int] = {}
+        try:
+            async for index, out in outputs:
+                if (error := _stream_error(out)) is not None:
+                    yield error
+                    break
+                if index not in started:
+                    started.add(index)
+                    if (echo := await off_loop(choices.echo_chunk, index, out)) is not None:
+                        yield chunk([echo])
+                yield chunk([choices.chunk(index, out)])
+                if out.finished:
+                    generated[index] = out.completion_tokens
+            else:
+                if body.include_usage:
+                    yield chunk([], usage(prompts, sum(generated.values())))
+        finally:
+            await outputs.aclose()
         yield _sse("[DONE]")
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(events(), media_type="text/event-stream", headers=_SSE_HEADERS)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     service: Service = request.app.state.service
-    _refuse_unsupported(body)
-    prompt_ids = await encode_chat(service, [m.model_dump() for m in body.messages])
-    handle = _start(service, body, prompt_ids)
+    refuse_unsupported(body)
+    adapter = adapter_for(service, body.model)
+    prompt = Prompt(await encode_chat(service, [m.model_dump() for m in body.messages]), "")
+    params = chat_params(service, body, len(prompt.ids))
+    grammar = await _grammar(service, body)
+    handles = submit_groups(service, [(prompt.ids, params)], adapter, grammar)
     created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
+    model = body.model or service.base_model_id
+    tokenizer = service.tokenizer
     if not body.stream:
-        result = await run_to_completion(handle, request)
-        usage = _usage(result)
-        choice = ChatChoice(message=ChatChoiceMessage(content=result.text), finish_reason=_reason(result.finish_reason))
-        return ChatCompletionResponse(id=cid, created=created, model=body.model, choices=[choice], usage=usage)
-    outputs = await stream(handle, request)
+        results = await run_all(handles, request)
+        answer = await off_loop(lambda: [chat_choice(tokenizer, body, i, r) for i, r in enumerate(results)])
+        used = usage([prompt], sum(r.completion_tokens for r in results))
+        return ChatCompletionResponse(id=cid, created=created, model=model, choices=answer, usage=used)
+    outputs = await stream_all(handles, request)
 
-    def chunk(delta: ChatDelta, reason: OpenAIFinishReason | None = None) -> str:
-        choice = ChatChunkChoice(delta=delta, finish_reason=reason)
-        return _sse(ChatCompletionChunk(id=cid, created=created, model=body.model, choices=[choice]))
+    def chunk(index: int, delta: ChatDelta, reason: OpenAIFinishReason | None = None,
+              logprobs: ChatLogprobs | None = None) -> str:  # fmt: skip
+        choice = ChatChunkChoice(index=index, delta=delta, finish_reason=reason, logprobs=logprobs)
+        return _sse(ChatCompletionChunk(id=cid, created=created, model=model, choices=[choice]))
 
     async def events() -> AsyncIterator[str]:
-        yield chunk(ChatDelta(role="assistant", content=""))
-        async for out in outputs:
-            if (error := _stream_error(out)) is not None:
-                yield error
-                break
-            if out.text:
-                yield chunk(ChatDelta(content=out.text))
-            if out.finished:
-                yield chunk(ChatDelta(), _reason(out.finish_reason))
+        generated: dict[int, int] = {}
+        try:
+            for index in range(len(handles)):
+                yield chunk(index, ChatDelta(role="assistant", content=""))
+            async for index, out in outputs:
+                if (error := _stream_error(out)) is not None:
+                    yield error
+                    break
+                if out.text or (body.logprobs and out.token_ids):
+                    logprobs = chat_logprobs_of(tokenizer, body, out.logprobs)
+                    yield chunk(index, ChatDelta(content=out.text), logprobs=logprobs)
+                if out.finished:
+                    generated[index] = out.completion_tokens
+                    yield chunk(index, ChatDelta(), finish_reason(out.finish_reason))
+            else:
                 if body.include_usage:
-                    yield _sse(ChatCompletionChunk(id=cid, created=created, model=body.model, choices=[],
-                                                   usage=_usage_of(out)))  # fmt: skip
+                    yield _sse(ChatCompletionChunk(id=cid, created=created, model=model, choices=[],
+                                                   usage=usage([prompt], sum(generated.values()))))  # fmt: skip
+        finally:
+            await outputs.aclose()
         yield _sse("[DONE]")
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(events(), media_type="text/event-stream", headers=_SSE_HEADERS)
 
 
 @router.get("/v1/models", response_model=ModelList)

@@ -4,13 +4,34 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.engine.sampling_params import MAX_STOP_LENGTH, MAX_STOP_STRINGS
+from server.api.structured_fields import StructuredOutput
+from server.engine.logprob import MAX_TOP_LOGPROBS
+from server.engine.sampling_params import (
+    MAX_LOGIT_BIAS,
+    MAX_LOGIT_BIAS_ENTRIES,
+    MAX_STOP_LENGTH,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    REPETITION_PENALTY_RANGE,
+)
 
 FinishReasonName = Literal["length", "stop", "eos"]
 # A stream has already answered 200 when something goes wrong, so its last event says so.
 StreamFinishReason = Literal["length", "stop", "eos", "timeout", "error"]
 # Both APIs' stop strings: at most MAX_STOP_STRINGS of at most MAX_STOP_LENGTH characters (see engine.sampling_params).
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]
+# The engine's bound on the repetition penalty (see engine.sampling_params), declared so both APIs answer 422.
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = REPETITION_PENALTY_RANGE
+# A token id; its upper bound, the model's vocabulary size, is checked per request (400).
+TokenId = Annotated[int, Field(ge=0)]
+# Both APIs' logit_bias: token id (as a decimal string, JSON keys are strings) -> bias added to its logit.
+_BiasKey = Annotated[str, Field(pattern=r"^[0-9]{1,12}$")]
+_Bias = Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]
+LogitBias = Annotated[
+    dict[_BiasKey, _Bias],
+    Field(max_length=MAX_LOGIT_BIAS_ENTRIES, description="token id -> bias in [-100, 100] added to its logit"),
+]
+TopK = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]
 
 
 class GenerateRequest(BaseModel):
@@ -18,7 +39,7 @@ class GenerateRequest(BaseModel):
 
     adapter: str | None = Field(None, description="adapter name; null or absent for the base model", max_length=64)
     prompt: str = Field(..., min_length=1, description="raw prompt text (no chat template applied)")
-    max_new_tokens: int = Field(128, ge=1, le=1_000_000)
+    max_new_tokens: int = Field(128, ge=0, le=1_000_000, description="0: only score the prompt (with prompt_logprobs)")
     temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, le=1_000_000, description="0 = off")
@@ -26,6 +47,26 @@ class GenerateRequest(BaseModel):
     stop: list[StopString] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
     ignore_eos: bool = False
     stream: bool = False
+    logprobs: TopK | None = Field(None, description="log-probability of each generated token, and k alternatives")
+    prompt_logprobs: TopK | None = Field(None, description="the same for each prompt token after the first")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY, description="1 = off")
+    logit_bias: LogitBias = Field(default_factory=dict)
+    min_tokens: int = Field(0, ge=0, le=1_000_000, description="no end-of-sequence or stop before this many tokens")
+    stop_token_ids: list[TokenId] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
+    skip_special_tokens: bool = True
+    structured_output: StructuredOutput | None = None
+
+
+class TokenAlternative(BaseModel):
+    id: int
+    text: str = Field(description="the token decoded alone")
+    logprob: float = Field(description="-9999.0 stands for minus infinity")
+
+
+class TokenLogprobInfo(TokenAlternative):
+    top: list[TokenAlternative] = Field(description="the most probable tokens at this position, most probable first")
 
 
 class Usage(BaseModel):
@@ -39,11 +80,17 @@ class GenerateResponse(BaseModel):
     text: str
     finish_reason: FinishReasonName
     usage: Usage
+    logprobs: list[TokenLogprobInfo] | None = Field(None, description="with logprobs: one per generated token")
+    prompt_logprobs: list[TokenLogprobInfo | None] | None = Field(
+        None, description="with prompt_logprobs: one per prompt token, the first null"
+    )
 
 
 class StreamToken(BaseModel):
     id: int
     text: str
+    logprob: float | None = Field(None, description="with logprobs")
+    top: list[TokenAlternative] | None = Field(None, description="with logprobs")
 
 
 class StreamEvent(BaseModel):
@@ -54,6 +101,7 @@ class StreamEvent(BaseModel):
     finish_reason: StreamFinishReason | None = None
     usage: Usage | None = None
     error: str | None = Field(None, description="why the stream ended early (finish_reason timeout or error)")
+    prompt_logprobs: list[TokenLogprobInfo | None] | None = Field(None, description="with prompt_logprobs, last event")
 
 
 class AdapterInfo(BaseModel):

@@ -17,10 +17,10 @@ class IncrementalDetokenizer:
     not at ``read``, gives decoders the context they use for spacing (SentencePiece/WordPiece join rules).
 
     Without ``prompt_ids`` the concatenation of all deltas equals ``tokenizer.decode(generated,
-    skip_special_tokens=skip_special_tokens)`` once ``flush()`` ran. With ``prompt_ids``, the last few prompt tokens are decoding
-    context only (never part of a delta), so a decoder that strips the leading space of a text's first token
-    (Metaspace, WordPiece) keeps the space of the first generated token, as it would in ``decode(prompt + generated)``;
-    for byte-level tokenizers the result is the same either way.
+    skip_special_tokens=skip_special_tokens)`` once ``flush()`` ran. With ``prompt_ids``, the last few prompt tokens
+    are decoding context only (never part of a delta), so a decoder that strips the leading space of a text's first
+    token (Metaspace, WordPiece) keeps the space of the first generated token, as it would in
+    ``decode(prompt + generated)``; for byte-level tokenizers the result is the same either way.
     """
 
     def __init__(

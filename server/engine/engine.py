@@ -124,6 +124,10 @@ class Engine:
             raise ValueError("a group needs at least one sequence")
         for p in params:
             self._check(prompt_ids, adapter, p)
+            if grammar is not None and (p.ignore_eos or p.min_tokens):
+                # A complete grammar allows only end-of-sequence: min_tokens could leave no token to take, and
+                # ignore_eos would pad the answer with end-of-sequence tokens up to max_tokens.
+                raise RequestError("structured output cannot be combined with ignore_eos or min_tokens")
         rid = request_id or f"req-{uuid.uuid4().hex[:12]}-{next(self._ids)}"
         now = time.monotonic()
         timeout = timeout if timeout is not None else self.config.request_timeout
@@ -188,6 +192,16 @@ class Engine:
         self.slot_cache.invalidate(name)
 
     # ---- read-only views (any thread), for /ready, metrics and the adapter API ----------------------------------
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        """The token ids that end a request (the model's generation config and the tokenizer's)."""
+        return self.outputs.eos_ids
+
+    @property
+    def vocab_size(self) -> int:
+        """The width of the model's logits: every token id a request may name is below it."""
+        return self.runner.vocab_size
+
     def queue_length(self) -> int:
         return self.engine_loop.queued() + self.scheduler.num_waiting
 

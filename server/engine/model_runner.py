@@ -137,18 +137,18 @@ class ModelRunner:
         if not any(c.all_logits for c in chunks):
             return StepLogits(logits, [])
         sample_rows: list[int] = []
-        positions: list[torch.Tensor] = []
+        every: list[torch.Tensor] = []
         at = 0
         for c in chunks:
             if c.all_logits:
-                positions.append(logits[at : at + len(c.token_ids)])
+                every.append(logits[at : at + len(c.token_ids)])
                 at += len(c.token_ids)
                 if c.needs_logits:
                     sample_rows.append(at - 1)
             elif c.needs_logits:
                 sample_rows.append(at)
                 at += 1
-        return StepLogits(logits[sample_rows], positions)
+        return StepLogits(logits[sample_rows], every)
 
     def _metadata(
         self,

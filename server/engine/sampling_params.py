@@ -17,6 +17,9 @@ _SEED_LIMIT = 2**63
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for one bias: [-100, 100]
 MAX_LOGIT_BIAS_ENTRIES = 1024  # a bound on the per-step work of one row (OpenAI documents no limit; 300 is typical)
 MAX_STOP_TOKEN_IDS = 64
+# A repetition penalty far from 1 overflows: logit / 5e-324 is infinite. vLLM bounds it only below (> 0); the
+# practical range is 1.0-2.0, so [0.01, 100] refuses nothing anyone uses and keeps every logit finite.
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
 
 
 @dataclass(frozen=True)
@@ -27,8 +30,9 @@ class SamplingParams:
     the tokens generated so far (logit -= frequency * count + presence * (count > 0)); ``repetition_penalty`` (> 0,
     1 = off; the CTRL paper's, as Hugging Face applies it) on every token of the prompt and the output (positive
     logits divided by it, negative ones multiplied). ``logit_bias`` adds to the logits of the given token ids.
-    ``min_tokens``: end-of-sequence tokens and ``stop_token_ids`` cannot be sampled, and stop strings do not end the
-    request, before that many tokens. All of these apply before temperature, top-k and top-p.
+    ``min_tokens``: end-of-sequence tokens (unless ``ignore_eos``) and ``stop_token_ids`` cannot be sampled, and
+    stop strings do not end the request, before that many tokens. All of these apply before temperature, top-k and
+    top-p.
     """
 
     max_new_tokens: int = 128  # 0: only score the prompt (with ``prompt_logprobs``), generate nothing
@@ -83,8 +87,9 @@ class SamplingParams:
             value = getattr(self, name)
             if not -2.0 <= value <= 2.0:  # also rejects NaN
                 raise ValueError(f"{name} must be in [-2, 2], got {value}")
-        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
-            raise ValueError(f"repetition_penalty must be finite and > 0, got {self.repetition_penalty}")
+        low, high = REPETITION_PENALTY_RANGE
+        if not low <= self.repetition_penalty <= high:  # also rejects NaN
+            raise ValueError(f"repetition_penalty must be in [{low}, {high}], got {self.repetition_penalty}")
         if len(self.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
             raise ValueError(f"logit_bias accepts at most {MAX_LOGIT_BIAS_ENTRIES} tokens, got {len(self.logit_bias)}")
         if len({t for t, _ in self.logit_bias}) != len(self.logit_bias):

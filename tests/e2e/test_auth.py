@@ -33,6 +33,10 @@ ROUTES: dict[tuple[str, str], tuple[str, str, dict, int]] = {
     ("GET", "/v1/adapters/{name}"): ("inference", "/v1/adapters/nope", {}, 404),
     ("POST", "/v1/adapters"): ("admin", "/v1/adapters", {"data": {"name": "x"}}, 400),  # a form without files
     ("DELETE", "/v1/adapters/{name}"): ("admin", "/v1/adapters/nope", {}, 404),
+    ("POST", "/v1/load_lora_adapter"): ("admin", "/v1/load_lora_adapter", {"json": {}}, 422),
+    ("POST", "/v1/unload_lora_adapter"): ("admin", "/v1/unload_lora_adapter", {"json": {}}, 422),
+    ("POST", "/tokenize"): ("inference", "/tokenize", {"json": {}}, 422),
+    ("POST", "/detokenize"): ("inference", "/detokenize", {"json": {}}, 422),
     ("GET", "/openapi.json"): ("open", "/openapi.json", {}, 200),
     ("GET", "/docs"): ("open", "/docs", {}, 200),
     ("GET", "/docs/oauth2-redirect"): ("open", "/docs/oauth2-redirect", {}, 200),

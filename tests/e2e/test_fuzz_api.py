@@ -63,6 +63,7 @@ OPERATIONS = (
     "POST /v1/generate", "POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models",
     "POST /v1/adapters", "GET /v1/adapters", "GET /v1/adapters/{name}", "DELETE /v1/adapters/{name}",
     "GET /health", "GET /ready", "GET /metrics",
+    "POST /v1/load_lora_adapter", "POST /v1/unload_lora_adapter", "POST /tokenize", "POST /detokenize",
 )  # fmt: skip
 # Answers the steering must have produced, or the fuzz never got past validation to the engine and the registry.
 MUST_REACH = {
@@ -84,8 +85,10 @@ def _hypothesis_home(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tiny_adapters, tmp_path_factory):
     data = tmp_path_factory.mktemp("fuzz")
+    (data / "loadable").mkdir()  # vLLM's load endpoint is on, so fuzzed paths reach the path checks
     flags = ("--gpu-slots", "2", "--max-batch-size", "4", "--max-seq-len", "128", "--max-new-tokens", str(MAX_NEW),
-             "--max-upload-bytes", "2000000", "--startup-adapters", str(data / "none"))  # fmt: skip
+             "--max-upload-bytes", "2000000", "--startup-adapters", str(data / "none"),
+             "--lora-load-dir", str(data / "loadable"))  # fmt: skip
     with ServerProcess(tiny_model_dir("llama"), data / "store", *flags) as proc:
         for name, folder in zip(KEPT, tiny_adapters("llama")[:2], strict=True):
             assert upload(proc.url, name, folder).status_code == 201

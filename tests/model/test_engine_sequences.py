@@ -8,11 +8,13 @@ import torch
 
 from loadtests.common.peft_reference import PeftReference
 from server.engine.engine import Engine
+from server.engine.errors import RequestError
 from server.engine.handle import RequestResult
 from server.engine.logprob import TokenLogprob
 from server.engine.model_runner import SequenceChunk
 from server.engine.request import FinishReason
 from server.engine.sampling_params import SamplingParams
+from server.engine.structured_output import GrammarCompiler, StructuredOutputSpec
 from tests.helpers.engines import make_engine, run_until_done
 
 EOS = 2  # the tiny tokenizer's </s>
@@ -175,3 +177,14 @@ def test_generated_logprobs_of_greedy_rows_are_the_models(setup) -> None:
     for got, expected in zip(result.logprobs, want, strict=True):
         _assert_close(got, expected)
         assert math.isclose(got.top[0][1], got.logprob, abs_tol=LOGPROB_TOLERANCE)  # greedy: the top token
+
+
+@pytest.mark.parametrize("params", [SamplingParams(min_tokens=2), SamplingParams(ignore_eos=True)])
+def test_structured_output_refuses_what_would_outlive_its_grammar(setup, params) -> None:
+    model_dir, adapters, _ = setup
+    engine = make_engine(model_dir, adapters)
+    compiler = GrammarCompiler(engine.tokenizer, engine.vocab_size, engine.eos_ids)
+    grammar = compiler.compile(StructuredOutputSpec("choice", ("yes", "no")))
+    with pytest.raises(RequestError, match="ignore_eos or min_tokens"):
+        engine.submit([11, 42], None, params, grammar=grammar)
+    assert engine.queue_length() == 0

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from server.engine.sampling import INVALID_TOKEN, RowSampler, filter_top_k_top_p, sample
+from server.engine.sampling import INVALID_TOKEN, RowSampler, SampleOutput, filter_top_k_top_p, sample
 from server.engine.sampling_params import MAX_STOP_LENGTH, MAX_STOP_STRINGS, SamplingParams
 
 VOCAB = 64
@@ -30,11 +30,11 @@ def _hf_filter(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 def test_greedy_is_argmax(dtype: torch.dtype) -> None:
     logits = (torch.randn(7, VOCAB, generator=torch.Generator().manual_seed(0)) * 4).to(dtype)
     samplers = [RowSampler(SamplingParams()) for _ in range(7)]
-    assert sample(logits, samplers) == logits.float().argmax(dim=-1).tolist()
+    assert sample(logits, samplers).tokens == logits.float().argmax(dim=-1).tolist()
 
 
 def test_empty_batch() -> None:
-    assert sample(torch.empty(0, VOCAB), []) == []
+    assert sample(torch.empty(0, VOCAB), []) == SampleOutput([], [])
 
 
 def test_seeded_row_is_independent_of_batch() -> None:
@@ -47,12 +47,12 @@ def test_seeded_row_is_independent_of_batch() -> None:
     ]
     steps = _steps(50, 5, seed=3)
     alone = RowSampler(target)
-    alone_tokens = [sample(logits[2:3], [alone])[0] for logits in steps]
+    alone_tokens = [sample(logits[2:3], [alone]).tokens[0] for logits in steps]
     again = RowSampler(target)
-    assert [sample(logits[2:3], [again])[0] for logits in steps] == alone_tokens
+    assert [sample(logits[2:3], [again]).tokens[0] for logits in steps] == alone_tokens
     # The target row sits at index 2 of every batch; its neighbours' rows and draws must not matter.
     batch = [RowSampler(p) for p in neighbours[:2]] + [RowSampler(target)] + [RowSampler(p) for p in neighbours[2:]]
-    batched_tokens = [sample(logits, batch)[2] for logits in steps]
+    batched_tokens = [sample(logits, batch).tokens[2] for logits in steps]
     assert batched_tokens == alone_tokens
     assert len(set(alone_tokens)) > 1  # really sampling, not a constant
 
@@ -64,16 +64,27 @@ def test_a_row_without_a_usable_distribution_fails_alone(poison: float, bad: Sam
     target = SamplingParams(temperature=0.9, seed=99)
     steps = _steps(20, 4, seed=5)
     alone_sampler = RowSampler(target)
-    alone = [sample(logits[1:2], [alone_sampler])[0] for logits in steps]
+    alone = [sample(logits[1:2], [alone_sampler]).tokens[0] for logits in steps]
     batch = [RowSampler(bad), RowSampler(target), RowSampler(SamplingParams())]
     got = []
     for logits in steps:
         logits = logits[:3].clone()
         logits[0, 3] = poison
-        tokens = sample(logits, batch)
+        tokens = sample(logits, batch).tokens
         assert tokens[0] == INVALID_TOKEN and tokens[2] == int(logits[2].argmax())
         got.append(tokens[1])
     assert got == alone and len(set(alone)) > 1
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("at", [0, 1, 17, 31, VOCAB - 1])
+def test_non_finite_anywhere_in_a_row_is_caught(poison: float, at: int) -> None:
+    """Wherever the bad value sits (first, last, inside a vector lane), its row fails and only its row."""
+    logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(at))
+    logits[1, at] = poison
+    for params in (SamplingParams(), SamplingParams(temperature=1.0, seed=0)):
+        tokens = sample(logits, [RowSampler(params) for _ in range(3)]).tokens
+        assert tokens[1] == INVALID_TOKEN and INVALID_TOKEN not in (tokens[0], tokens[2])
 
 
 def test_top_k_one_and_tiny_top_p_are_greedy() -> None:
@@ -82,8 +93,8 @@ def test_top_k_one_and_tiny_top_p_are_greedy() -> None:
     for _ in range(5):
         top_k = [RowSampler(SamplingParams(temperature=1.5, top_k=1)) for _ in range(6)]
         top_p = [RowSampler(SamplingParams(temperature=1.5, top_p=1e-6)) for _ in range(6)]
-        assert sample(logits, top_k) == expected
-        assert sample(logits, top_p) == expected
+        assert sample(logits, top_k).tokens == expected
+        assert sample(logits, top_p).tokens == expected
 
 
 @pytest.mark.parametrize(
@@ -127,7 +138,7 @@ def test_sampled_tokens_stay_inside_top_k() -> None:
     logits = torch.randn(1, VOCAB, generator=torch.Generator().manual_seed(4))
     allowed = set(logits[0].topk(3).indices.tolist())
     sampler = RowSampler(SamplingParams(temperature=5.0, top_k=3, seed=0))
-    drawn = {sample(logits, [sampler])[0] for _ in range(200)}
+    drawn = {sample(logits, [sampler]).tokens[0] for _ in range(200)}
     assert drawn == allowed
 
 
@@ -138,7 +149,7 @@ def test_frequencies_follow_tempered_softmax(temperature: float) -> None:
     draws = 2000
     counts = torch.zeros(5)
     for _ in range(draws):
-        counts[sample(logits, [sampler])[0]] += 1
+        counts[sample(logits, [sampler]).tokens[0]] += 1
     expected = torch.softmax(logits[0] / temperature, dim=-1)
     assert (counts / draws - expected).abs().max() < 0.04
 
@@ -146,8 +157,8 @@ def test_frequencies_follow_tempered_softmax(temperature: float) -> None:
 def test_temperature_changes_the_distribution() -> None:
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
     low, high = (RowSampler(SamplingParams(temperature=t, seed=5)) for t in (0.3, 3.0))
-    low_top = sum(sample(logits, [low])[0] == 0 for _ in range(500))
-    high_top = sum(sample(logits, [high])[0] == 0 for _ in range(500))
+    low_top = sum(sample(logits, [low]).tokens[0] == 0 for _ in range(500))
+    high_top = sum(sample(logits, [high]).tokens[0] == 0 for _ in range(500))
     assert low_top > 400 and high_top < 250
 
 
