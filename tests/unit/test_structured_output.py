@@ -231,7 +231,7 @@ def test_out_of_range_tokens_are_refused(compiler) -> None:
 
 
 def test_compile_grammar_maps_errors_to_400(tokenizer) -> None:
-    engine = SimpleNamespace(runner=SimpleNamespace(vocab_size=VOCAB), outputs=SimpleNamespace(eos_ids=frozenset({2})))
+    engine = SimpleNamespace(vocab_size=VOCAB, eos_ids=frozenset({2}))
     service = SimpleNamespace(tokenizer=tokenizer, engine=engine)
 
     async def run() -> None:
