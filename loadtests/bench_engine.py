@@ -175,7 +175,7 @@ def compile_json_grammar(engine: Engine, tokenizer: PreTrainedTokenizerBase) -> 
         raise SystemExit(f"--json-share needs structured output (server.engine.structured_output.GrammarCompiler), "
                          f"which this checkout lacks: {exc}. Run with --json-share 0.") from None  # fmt: skip
     start = time.perf_counter()
-    compiler = GrammarCompiler(tokenizer, engine.runner.vocab_size, engine.outputs.eos_ids)
+    compiler = GrammarCompiler(tokenizer, engine.vocab_size, engine.eos_ids)
     grammar = compiler.compile(StructuredOutputSpec("json_schema", json.dumps(JSON_SCHEMA)))
     return grammar, time.perf_counter() - start
 

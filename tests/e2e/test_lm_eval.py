@@ -10,7 +10,7 @@ transformers (PEFT for the adapter) directly on the same model.
 Tolerances: summed log-likelihoods of one document or choice within 1e-3 (float32, ~30 tokens, different kernels and
 batch shapes), perplexities relative 1e-4; greedy texts, accuracies and exact_match exactly. The data is made so that
 no score is trivially 0 or 1: golds and targets are the reference's answers for the first documents and wrong ones
-for the rest.
+for the rest. A second test feeds lm-eval's own response parser a score whose generated token is EOS.
 """
 
 import importlib.util

@@ -334,3 +334,15 @@ def test_bench_doc_section_replaces_only_between_markers(tmp_path: Path) -> None
     fresh = tmp_path / "r.md"
     write_section(fresh, "soak", "figures", heading="## Soak test")
     assert fresh.read_text() == "## Soak test\n\n<!-- soak:begin -->\nfigures\n<!-- soak:end -->\n"
+
+
+def test_bench_engine_features_mode_quick(tiny_model_dir, tmp_path: Path) -> None:
+    """The engine benchmark's logprobs + JSON-schema mode runs end to end and counts what it was asked to mix."""
+    out = tmp_path / "features.json"
+    cmd = [sys.executable, "-m", "loadtests.bench_engine", "--base-model", str(tiny_model_dir("llama")),
+           "--requests", "6", "--adapters", "2", "--rank", "4", "--batch", "4", "--slots", "2", "--rounds", "1",
+           "--logprobs-share", "0.5", "--json-share", "0.2", "--json", str(out)]  # fmt: skip
+    subprocess.run(cmd, check=True, cwd=REPO_ROOT, timeout=300, capture_output=True)
+    figures = json.loads(out.read_text())
+    assert figures["logprobs_requests"] == 3 and figures["json_requests"] == 1
+    assert all(v > 0 for v in figures["tokens_per_second"].values())
