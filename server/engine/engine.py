@@ -234,7 +234,7 @@ class Engine:
         chunks, needing = self._prepare(plan.scheduled)
         try:
             logits = self.runner.run(chunks)
-            prompt_logprobs = self._prompt_logprobs(plan.scheduled, logits.positions)
+            prompt_logprobs = self._prompt_logprobs(plan.scheduled, chunks, logits.positions)
             sampling = [r for r in needing if r.params.max_new_tokens > 0]
             sampled = sample(logits.sample, self.outputs.samplers(sampling))
         except Exception as exc:  # noqa: BLE001 - fail this batch's requests, keep serving
@@ -285,14 +285,14 @@ class Engine:
 
     @staticmethod
     def _prompt_logprobs(
-        scheduled: Seq[ScheduledRequest], positions: Seq[torch.Tensor]
+        scheduled: Seq[ScheduledRequest], chunks: Seq[SequenceChunk], positions: Seq[torch.Tensor]
     ) -> list[tuple[EngineRequest, list[TokenLogprob | None]]]:
         """Log-probabilities of the prompt tokens each prompt chunk predicts (``prompt_logprobs`` requests only).
 
         A chunk at positions start..end predicts prompt tokens start+1..end (the last position of the prompt
         predicts the first generated token, scored by the sampler); the prompt's first token has no prediction."""
         out: list[tuple[EngineRequest, list[TokenLogprob | None]]] = []
-        wanting = [item for item in scheduled if item.req.params.prompt_logprobs is not None and item.req.in_prefill]
+        wanting = [item for item, chunk in zip(scheduled, chunks, strict=True) if chunk.all_logits]  # as _prepare set
         for item, logits in zip(wanting, positions, strict=True):
             req, start = item.req, item.req.num_computed
             k = req.params.prompt_logprobs
