@@ -52,6 +52,7 @@ LLAMA3_8B = {
     "rope_theta": 500000.0,
     "max_position_embeddings": 8192,
 }
+BLOCK = 16  # KV block size of the benchmark runner
 TINY = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 1024, "max_position_embeddings": 1024}  # fmt: skip
 
@@ -109,7 +110,9 @@ def generate(runner: ModelRunner, slots: list[int], prompts: list[list[int]], ne
     device = runner.device
     sync(device)
     t0 = time.perf_counter()
-    chunks = [SequenceChunk(i, s, p, 0, True) for i, (s, p) in enumerate(zip(slots, prompts, strict=True))]
+    per = runner.max_len // BLOCK + 1  # blocks of one row: row i owns blocks i*per .. (i+1)*per - 1
+    tables = [list(range(i * per, (i + 1) * per)) for i in range(len(slots))]
+    chunks = [SequenceChunk(tables[i], s, p, 0, True) for i, (s, p) in enumerate(zip(slots, prompts, strict=True))]
     logits = runner.run(chunks).sample
     tokens = logits.argmax(-1).tolist()  # a host sync per step, as the engine's sampling has
     prefill = time.perf_counter() - t0
@@ -117,13 +120,14 @@ def generate(runner: ModelRunner, slots: list[int], prompts: list[list[int]], ne
     start = len(prompts[0])
     t0 = time.perf_counter()
     for step in range(new_tokens - 1):
-        chunks = [SequenceChunk(i, s, [tokens[i]], start + step, True) for i, s in enumerate(slots)]
+        chunks = [SequenceChunk(tables[i], s, [tokens[i]], start + step, True) for i, s in enumerate(slots)]
         tokens = runner.run(chunks).sample.argmax(-1).tolist()
     return prefill, (time.perf_counter() - t0) / max(new_tokens - 1, 1), first
 
 
 def bench_decode(lora: LoraModel, args: argparse.Namespace, ops: list[str]) -> dict[str, Any]:
-    runner = ModelRunner(lora, max(args.batch), args.prompt + args.new_tokens + 1)
+    rows, max_len = max(args.batch), args.prompt + args.new_tokens + 1
+    runner = ModelRunner(lora, rows * (max_len // BLOCK + 1), BLOCK, max_len, rows)
     vocab = runner.vocab_size
     g = torch.Generator().manual_seed(1)
     results: dict[str, Any] = {"bytes": step_bytes(lora, args.rank), "batches": {}}
@@ -295,8 +299,9 @@ def print_micro(results: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m loadtests.bench_gpu", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtests.bench_gpu", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tiny", action="store_true", help="2 layers, hidden 256: a smoke test (CPU is fine)")
     parser.add_argument("--micro", action="store_true", help="time the LoRA op alone on the layer shapes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-# Every test that needs CUDA. model/test_triton_ops.py's interpreter suite is left out: it runs the kernels on the CPU.
-CUDA_TESTS = ["tests/model/test_triton_ops.py"]
+# Every test that needs CUDA. The interpreter suites are left out: they run the kernels on the CPU.
+CUDA_TESTS = ["tests/model/test_triton_ops.py", "tests/model/test_triton_attention.py"]
 CUDA_TEST_FILTER = "not interpreter_suite and not interp_"
 # (label, bench_gpu arguments, share of what is left of the budget): micro first, it is the cheaper one.
 BENCHES = [
@@ -71,8 +71,9 @@ def _bench_summary(label: str, payload: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtests.gpu_check", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtests.gpu_check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--budget", type=float, default=480.0, help="seconds for everything (default 8 minutes)")
     parser.add_argument("--json", type=Path, default=None, help="also write the summary here")
     args = parser.parse_args(argv)
@@ -86,8 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     from server.kernels.triton.ops import TRITON_AVAILABLE
 
     device = torch.cuda.get_device_name(0)
-    print(f"gpu-check on {device}: torch {torch.__version__}, CUDA {torch.version.cuda}, "
-          f"triton {'installed' if TRITON_AVAILABLE else 'NOT installed'}; budget {args.budget:.0f} s", flush=True)
+    print(
+        f"gpu-check on {device}: torch {torch.__version__}, CUDA {torch.version.cuda}, "
+        f"triton {'installed' if TRITON_AVAILABLE else 'NOT installed'}; budget {args.budget:.0f} s",
+        flush=True,
+    )
     deadline = time.perf_counter() + args.budget
     summary: dict[str, Any] = {"device": device, "torch": torch.__version__, "triton": TRITON_AVAILABLE}
 
@@ -120,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
                 print("\n".join(output.splitlines()[-30:]))
     benches_ok = all(b["ok"] for b in summary["bench"].values())
     summary["ok"] = tests_ok and benches_ok
-    print(f"gpu-check: {'PASS' if summary['ok'] else 'FAIL'} (tests {'pass' if tests_ok else 'FAIL'}, "
-          f"bench {'ok' if benches_ok else 'FAILED'}) in {args.budget - (deadline - time.perf_counter()):.0f} s")
+    print(
+        f"gpu-check: {'PASS' if summary['ok'] else 'FAIL'} (tests {'pass' if tests_ok else 'FAIL'}, "
+        f"bench {'ok' if benches_ok else 'FAILED'}) in {args.budget - (deadline - time.perf_counter()):.0f} s"
+    )
     if tests_ok:
         print("  the Triton kernels pass on this GPU: TRITON_VALIDATED_ON_GPU in server/kernels/select.py may be set")
     if args.json:

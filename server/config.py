@@ -34,10 +34,30 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    gpu_slots: int = Field(16, ge=1, le=4096, description="adapters resident on the accelerator at once")
+    gpu_slots: int = Field(
+        16, ge=1, le=4096, description="adapters resident on the accelerator at once, at most (see adapter_cache_bytes)"
+    )
+    adapter_cache_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="bytes of adapter weights resident on the accelerator, each adapter at its own rank; "
+        "default: gpu_slots adapters at max_rank",
+    )
     cpu_slots: int = Field(64, ge=0, le=100_000, description="host copies of adapters kept behind the slots")
     max_rank: int = Field(64, ge=1, le=1024, description="largest LoRA rank accepted")
-    max_batch_size: int = Field(32, ge=1, le=4096, description="sequences running at once (KV cache rows)")
+    max_batch_size: int = Field(
+        32, ge=1, le=4096, description="sequences running at once, at most (memory comes from the KV block pool)"
+    )
+    kv_cache_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="bytes of the paged KV cache; default: 2 GiB on CPU (at most what max_batch_size sequences of "
+        "max_seq_len need), 80% of the free memory on CUDA",
+    )
+    kv_block_size: int = Field(16, ge=1, le=1024, description="positions per KV cache block")
+    prefix_caching: bool = Field(
+        True, description="reuse the cached KV blocks of a prompt's longest cached prefix (per adapter)"
+    )
     max_seq_len: int = Field(2048, ge=16, le=1_000_000, description="prompt + generated tokens of one request")
     max_tokens_per_step: int = Field(2048, ge=1, description="token budget of one engine step")
     max_queue: int = Field(256, ge=1, description="waiting requests before new ones get 429")

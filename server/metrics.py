@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from server.engine.stats import FinishedRecord
+from server.engine.stats import FinishedRecord, MemoryStats
 from server.lora.slot_cache import CacheStats
 
 BASE_LABEL = "__base__"
@@ -155,9 +155,10 @@ class EngineView:
         cache_stats: Callable[[], CacheStats],
         resident: Callable[[], tuple[int, int]],  # (adapters in slots, host copies in the CPU tier)
         registered: Callable[[], int],
+        memory: Callable[[], MemoryStats] | None = None,
     ) -> None:
         self.running, self.queued, self.cache_stats = running, queued, cache_stats
-        self.resident, self.registered = resident, registered
+        self.resident, self.registered, self.memory = resident, registered, memory
 
 
 class _EngineCollector(Collector):
@@ -183,3 +184,21 @@ class _EngineCollector(Collector):
         resident.add_metric(["cpu"], host)
         yield resident
         yield GaugeMetricFamily("lora_adapters_registered", "Adapters in the registry", value=v.registered())
+        if v.memory is not None:
+            yield from _memory_families(v.memory())
+
+
+def _memory_families(m: MemoryStats) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+    blocks = GaugeMetricFamily("lora_kv_blocks", "Paged KV cache blocks by state", labels=["state"])
+    for state, value in (("used", m.kv_blocks_used), ("cached", m.kv_blocks_cached), ("free", m.kv_blocks_free)):
+        blocks.add_metric([state], value)
+    yield blocks
+    yield GaugeMetricFamily("lora_kv_block_bytes", "Bytes of one KV block (layers, K, V)", value=m.kv_block_bytes)
+    yield CounterMetricFamily(
+        "lora_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache", value=m.prefix_hit_tokens
+    )
+    yield CounterMetricFamily("lora_preemptions", "Running requests preempted for KV blocks", value=m.preemptions)
+    pool = GaugeMetricFamily("lora_adapter_pool_bytes", "Adapter weights on the accelerator", labels=["state"])
+    pool.add_metric(["used"], m.adapter_pool_bytes_used)
+    pool.add_metric(["total"], m.adapter_pool_bytes_total)
+    yield pool

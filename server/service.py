@@ -31,7 +31,12 @@ class Service:
         log.info("loading base model %s from %s", self.base_model_id, base_dir)
         model = load_base_model(base_dir, settings.device, settings.dtype)
         self.lora_model = LoraModel(
-            model, settings.gpu_slots, settings.max_rank, op=settings.lora_op, pack_weights=settings.packed_weights
+            model,
+            settings.gpu_slots,
+            settings.max_rank,
+            op=settings.lora_op,
+            pack_weights=settings.packed_weights,
+            adapter_cache_bytes=settings.adapter_cache_bytes,
         )
         log.info("LoRA op: %s", self.lora_model.op_name)
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
@@ -49,6 +54,9 @@ class Service:
                 max_prompt_tokens=settings.max_prompt_tokens,
                 max_new_tokens=settings.max_new_tokens,
                 request_timeout=settings.request_timeout,
+                kv_cache_bytes=settings.kv_cache_bytes,
+                block_size=settings.kv_block_size,
+                prefix_caching=settings.prefix_caching,
             ),
         )
         self.metrics = ServerMetrics(settings.metrics_adapter_labels, registered=self.registry.__contains__)
@@ -61,6 +69,7 @@ class Service:
                 cache_stats=lambda: self.engine.cache_stats,
                 resident=self.engine.resident_counts,
                 registered=lambda: len(self.registry),
+                memory=self.engine.memory_stats,
             )
         )
         if settings.startup_adapters is not None:

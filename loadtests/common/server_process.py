@@ -17,8 +17,11 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, base_model: Path, data_dir: Path, *flags: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, base_model: Path, data_dir: Path, *flags: str, env: dict[str, str] | None = None,
+                 cwd: Path | None = None) -> None:  # fmt: skip
+        """``cwd``: run the ``server`` package of that checkout (``python -m`` puts it first on the path)."""
         self.port = free_port()
+        self.cwd = cwd
         self.data_dir = data_dir
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = [
@@ -31,7 +34,8 @@ class ServerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 120.0, ready_headers: dict[str, str] | None = None) -> "ServerProcess":
-        self.proc = subprocess.Popen(self.args, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, env=self.env)
+        self.proc = subprocess.Popen(self.args, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, env=self.env,
+                                     cwd=self.cwd)  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

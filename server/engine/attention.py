@@ -1,10 +1,15 @@
-"""Attention over our preallocated KV cache, plugged into Hugging Face models through their attention registry.
+"""Attention over the paged KV cache, plugged into Hugging Face models through their attention registry.
 
-The model runs on a flattened batch: ``input_ids`` [1, T] holds the new tokens of every scheduled sequence (prompt
-chunks and single decode tokens side by side) and ``position_ids`` [1, T] their positions. The model's own layers
-compute q/k/v, RoPE and the projections; this function only writes the new K/V into the cache and attends each
-token to its own sequence's cached prefix. Per-step metadata reaches it through an ``AttentionContext`` attached
-to every attention module, so no model signature changes.
+The model runs on a flattened batch: ``input_ids`` [1, T] holds the new tokens of every scheduled sequence (single
+decode tokens first, then prompt chunks) and ``position_ids`` [1, T] their positions. The model's own layers
+compute q/k/v, RoPE and the projections; this function only writes the new K/V into the block pool and attends each
+token to its own sequence's context, read through the sequence's block table. Per-step metadata reaches it through
+an ``AttentionContext`` attached to every attention module, so no model signature changes.
+
+- Decode (one new token): a paged decode kernel (``server.kernels.attention``: C on the CPU, Triton on CUDA, torch
+  elsewhere) reads the keys straight from the pool.
+- A prompt chunk whose whole context is new this step attends to its fresh keys (plain causal SDPA); a later chunk,
+  or one after a prefix-cache hit, gathers its context's blocks from the pool (itself included, written first).
 """
 
 from dataclasses import dataclass
@@ -14,49 +19,56 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, PreTrainedModel
 
-from server.engine.kv_cache import KVCache
+from server.engine.kv_cache import PagedKVCache
+from server.kernels.attention.reference import gather_blocks
+from server.kernels.attention.select import DECODE_KERNELS, select_decode
 
 ATTN_IMPLEMENTATION = "lora_server_kv"
 
 
 @dataclass(frozen=True)
 class PrefillSegment:
-    """Tokens ``start..end`` of the flattened batch: one sequence's chunk, ending at context length ``context``."""
+    """Tokens ``start..end`` of the flattened batch: one sequence's chunk, ending at context length ``context``.
+
+    blocks: [>= ceil(context / block_size)] int64, the sequence's block table, or None when the whole context is new
+    in this step (``context == end - start``: attend to the fresh keys, read nothing from the pool).
+    """
 
     start: int
     end: int
-    row: int
     context: int
+    blocks: torch.Tensor | None
 
 
 @dataclass(frozen=True)
 class AttentionMetadata:
     """What one forward pass needs to place and read K/V.
 
-    rows, positions: [T] int64     cache row and position of every new token
-    prefills:        host-side segments of sequences with more than one new token
-    decode_index:    [n] int64     flattened-token index of each single-token sequence, sorted by row
-    decode_rows:     [n] int64     their cache rows (ascending) relative to ``decode_row_base``
-    decode_row_base: first cache row of the decode window; the window spans ``decode_row_count`` rows
-    decode_mask:     [W, 1, 1, L]  bool, key j visible to the decode query of window row w (W = window rows,
-                     L = longest decode context); rows of the window without a decode token see key 0 only
+    slot_index:   [T] int64     pool slot (block * block_size + offset) of every new token
+    prefills:     host-side segments of the sequences with more than one new token
+    num_decodes:  the first ``num_decodes`` tokens are single-token sequences (decode), in this order:
+    block_tables: [num_decodes, max_blocks] int32, each one's block table, padded with block 0
+    context_lens: [num_decodes] int32, each one's context length (its own token included)
+    max_context:  the largest of ``context_lens`` (a host int: no device sync to size the torch path)
     """
 
-    rows: torch.Tensor
-    positions: torch.Tensor
+    slot_index: torch.Tensor
     prefills: tuple[PrefillSegment, ...]
-    decode_index: torch.Tensor
-    decode_rows: torch.Tensor
-    decode_row_base: int
-    decode_row_count: int
-    decode_mask: torch.Tensor | None
+    num_decodes: int
+    block_tables: torch.Tensor
+    context_lens: torch.Tensor
+    max_context: int
 
 
 class AttentionContext:
-    """Shared by the runner and every attention module of one model: the cache and the current step's metadata."""
+    """Shared by the runner and every attention module of one model: the pool, the decode kernel (chosen once),
+    and the current step's metadata. ``max_len`` is the longest sequence the runner accepts."""
 
-    def __init__(self, cache: KVCache) -> None:
+    def __init__(self, cache: PagedKVCache, max_len: int, decode_kernel: str | None = None) -> None:
         self.cache = cache
+        self.max_len = max_len
+        self.decode_kernel = decode_kernel or select_decode(cache.k.device, cache.k.dtype)
+        self.decode = DECODE_KERNELS[self.decode_kernel]
         self.metadata: AttentionMetadata | None = None
 
 
@@ -98,7 +110,8 @@ def cached_attention(
 ) -> tuple[torch.Tensor, None]:
     """query [1, H, T, D], key/value [1, KV, T, D] (RoPE applied) -> output [1, T, H, D].
 
-    out[t] = softmax(q[t] . K[row_t, :ctx_t] * scaling) V[row_t, :ctx_t], after writing every token's k/v.
+    out[t] = softmax(q[t] . K_s[:ctx_t] * scaling) V_s[:ctx_t] for t's sequence s, whose keys K_s are read through
+    its block table, after writing every new token's k/v into the pool.
     """
     context, layer = module.lora_server_attention, module.layer_idx
     if not isinstance(context, AttentionContext) or not isinstance(layer, int):
@@ -107,56 +120,32 @@ def cached_attention(
     if meta is None:
         raise RuntimeError("cached attention ran without step metadata")
     cache = context.cache
-    if sliding_window is not None and sliding_window < cache.max_len:  # checked at startup by sliding_window_of
+    if sliding_window is not None and sliding_window < context.max_len:  # checked at startup by sliding_window_of
         raise NotImplementedError("sliding-window attention shorter than the KV cache is not supported")
-    k_new = key[0].transpose(0, 1)  # [T, KV, D]
-    v_new = value[0].transpose(0, 1)
-    cache.write(layer, meta.rows, meta.positions, k_new, v_new)
-    q = query[0]  # [H, T, D]
-    out = torch.empty((q.shape[1], q.shape[0], q.shape[2]), dtype=query.dtype, device=query.device)  # [T, H, D]
+    cache.write(layer, meta.slot_index, key[0].transpose(0, 1), value[0].transpose(0, 1))  # [T, KV, D]
+    k_pool, v_pool = cache.layer(layer)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    q = query[0].transpose(0, 1)  # [T, H, D]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
 
     for seg in meta.prefills:
-        qs = q[:, seg.start : seg.end].unsqueeze(0)  # [1, H, m, D]
-        m = seg.end - seg.start
-        if seg.context == m:  # whole prompt in this step: attend to the fresh keys, plain causal
+        qs = query[:, :, seg.start : seg.end]  # [1, H, m, D]
+        if seg.blocks is None:  # whole context in this step: attend to the fresh keys, plain causal
             ks = key[:, :, seg.start : seg.end]
             vs = value[:, :, seg.start : seg.end]
-            res = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scaling, enable_gqa=True)
-        else:  # a later chunk: attend to the cached prefix plus itself, causal with an offset
-            ks = cache.k[layer, seg.row : seg.row + 1, :, : seg.context]
-            vs = cache.v[layer, seg.row : seg.row + 1, :, : seg.context]
+            res = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+        else:  # a later chunk: its context from the pool (itself included), causal with an offset
+            ks = gather_blocks(k_pool, seg.blocks, seg.context).transpose(0, 1).unsqueeze(0)  # [1, KV, ctx, D]
+            vs = gather_blocks(v_pool, seg.blocks, seg.context).transpose(0, 1).unsqueeze(0)
+            m = seg.end - seg.start
             qpos = torch.arange(seg.context - m, seg.context, device=q.device)
             mask = torch.arange(seg.context, device=q.device).unsqueeze(0) <= qpos.unsqueeze(1)  # [m, ctx]
-            res = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scaling, enable_gqa=True)
+            res = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
         out[seg.start : seg.end] = res[0].transpose(0, 1)
 
-    if meta.decode_mask is not None:
-        base, count = meta.decode_row_base, meta.decode_row_count
-        length = meta.decode_mask.shape[-1]
-        ks = cache.k[layer, base : base + count, :, :length]  # [W, KV, L, D], a view: no copy of the cache
-        vs = cache.v[layer, base : base + count, :, :length]
-        qw = torch.zeros((count, q.shape[0], 1, q.shape[2]), dtype=q.dtype, device=q.device)  # [W, H, 1, D]
-        qw[meta.decode_rows, :, 0] = q[:, meta.decode_index].transpose(0, 1)
-        if q.device.type == "cpu":
-            res = _grouped_decode_attention(qw, ks, vs, meta.decode_mask, scaling)
-        else:
-            res = F.scaled_dot_product_attention(qw, ks, vs, attn_mask=meta.decode_mask, scale=scaling, enable_gqa=True)
-        out[meta.decode_index] = res[meta.decode_rows, :, 0]
+    n = meta.num_decodes
+    if n:
+        context.decode(
+            out[:n], q[:n].contiguous(), k_pool, v_pool, meta.block_tables, meta.context_lens, meta.max_context, scale
+        )
     return out.unsqueeze(0), None
-
-
-def _grouped_decode_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float | None
-) -> torch.Tensor:
-    """Decode attention with the query heads grouped by the K/V head they share, never expanding K/V.
-
-    q [W, H, 1, D]    k, v [W, KV, L, D]    mask [W, 1, 1, L] bool (key visible)    -> [W, H, 1, D]
-    Equals ``scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)``; on CPU it is faster
-    (measured 0.77 against 0.87 ms a layer for 32 rows of SmolLM2 at 300 keys), as SDPA's CPU kernel for one query
-    per row pays for a flash-attention tiling it cannot use.
-    """
-    rows, heads, _, dim = q.shape
-    kv_heads = k.shape[1]
-    scores = torch.matmul(q.view(rows, kv_heads, heads // kv_heads, dim), k.transpose(-1, -2))  # [W, KV, G, L]
-    scores.mul_(scaling if scaling is not None else dim**-0.5).masked_fill_(~mask, float("-inf"))
-    return torch.matmul(scores.softmax(dim=-1), v).view(rows, heads, 1, dim)

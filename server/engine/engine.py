@@ -21,19 +21,23 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from server.adapters.checkpoint import AdapterWeights
+from server.engine.block_manager import BlockManager
 from server.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from server.engine.errors import RequestError, UnknownAdapterError, step_failure
 from server.engine.handle import RequestHandle
+from server.engine.kv_cache import PagedKVCache
+from server.engine.kv_pool import kv_pool_blocks
 from server.engine.logprob import TokenLogprob
 from server.engine.logprobs import prompt_logprobs
 from server.engine.loop import EngineLoop
 from server.engine.model_runner import ModelRunner, SequenceChunk
 from server.engine.outputs import LiveRequest, OutputProcessor
+from server.engine.prefix_keys import PrefixKeys
 from server.engine.request import EngineRequest
 from server.engine.sampling import RowSampler, sample
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
-from server.engine.stats import FinishedRecord
+from server.engine.stats import FinishedRecord, MemoryStats
 from server.engine.structured_output import CompiledGrammar
 from server.lora.prefetch import AdapterPrefetcher
 from server.lora.slot_cache import CacheStats, SlotCache
@@ -42,7 +46,7 @@ from server.model.lora_model import LoraModel
 
 @dataclass(frozen=True)
 class EngineConfig:
-    max_batch_size: int = 32  # running sequences (KV cache rows)
+    max_batch_size: int = 32  # running sequences at most (a cap on rows; memory comes from the KV block pool)
     max_seq_len: int = 2048  # prompt + generated tokens of one sequence
     max_tokens_per_step: int = 2048  # token budget of one forward pass (prompt chunks + decode tokens)
     cpu_slots: int = 64  # host copies of adapters kept behind the accelerator slots
@@ -52,6 +56,9 @@ class EngineConfig:
     max_prompt_tokens: int | None = None  # per-request prompt limit (None: only max_seq_len bounds it)
     max_new_tokens: int | None = None  # per-request generation limit (None: only max_seq_len bounds it)
     request_timeout: float | None = None  # seconds from submission to finish; past it the request ends with TIMEOUT
+    kv_cache_bytes: int | None = None  # the KV block pool (None: see ``kv_pool_bytes``)
+    block_size: int = 16  # positions per KV block
+    prefix_caching: bool = True  # reuse computed KV blocks of equal prefixes (per adapter; see kv_sharing)
 
 
 class Engine:
@@ -67,7 +74,13 @@ class Engine:
         self.config = config = config if config is not None else EngineConfig()
         self.adapter_path = adapter_path
         max_tokens = max(config.max_tokens_per_step, config.max_batch_size)
-        self.runner = ModelRunner(model, config.max_batch_size, config.max_seq_len, max_tokens)
+        self.block_bytes = block_bytes = PagedKVCache.block_bytes(model.model.config, config.block_size, model.dtype)
+        self.preemptions = 0  # running requests preempted for lack of KV blocks (a counter, for metrics)
+        num_blocks = kv_pool_blocks(config.kv_cache_bytes, block_bytes, config.block_size, config.max_batch_size,
+                                    config.max_seq_len, model.device)  # fmt: skip
+        self.runner = ModelRunner(model, num_blocks, config.block_size, config.max_seq_len, config.max_batch_size,
+                                  max_tokens)  # fmt: skip
+        self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching)
         # Prefetched reads are host copies besides the CPU tier: --cpu-slots bounds both (one read at least, so a
         # waiting adapter can always be read when the CPU tier is off).
         self.prefetcher: AdapterPrefetcher = AdapterPrefetcher(self._read_adapter, capacity=max(1, config.cpu_slots))
@@ -77,9 +90,11 @@ class Engine:
             max_tokens,
             self.slot_cache,
             self.prefetcher,
+            self.blocks,
             config.starvation_steps,
             adapter_affinity=config.adapter_affinity,
         )
+        self.prefix_keys = PrefixKeys(model, adapter_path)  # adapter -> prefix-cache namespace
         self.outputs = OutputProcessor(self.scheduler, _eos_ids(model, tokenizer))
         # Observers (the metrics exporter): called on the engine thread, so they must be quick.
         self.on_finish: list[Callable[[FinishedRecord], None]] = self.outputs.on_finish
@@ -131,10 +146,12 @@ class Engine:
         rid = request_id or f"req-{uuid.uuid4().hex[:12]}-{next(self._ids)}"
         now = time.monotonic()
         timeout = timeout if timeout is not None else self.config.request_timeout
+        cache_key = self.prefix_keys.of(adapter)
         lives = []
         for i, p in enumerate(params):
             request = EngineRequest(rid if len(params) == 1 else f"{rid}-{i}", adapter, list(prompt_ids), p,
-                                    arrival=now, deadline=None if timeout is None else now + timeout)  # fmt: skip
+                                    arrival=now, deadline=None if timeout is None else now + timeout,
+                                    cache_key=cache_key)  # fmt: skip
             lives.append(LiveRequest(
                 request,
                 RequestHandle(request, loop),
@@ -190,6 +207,7 @@ class Engine:
         """The adapter was deleted: drop its host copies; its slot is cleared once running requests release it."""
         self.prefetcher.forget(name)
         self.slot_cache.invalidate(name)
+        self.prefix_keys.forget(name)  # a new upload under this name must not reuse the deleted one's KV blocks
 
     # ---- read-only views (any thread), for /ready, metrics and the adapter API ----------------------------------
     @property
@@ -213,6 +231,21 @@ class Engine:
     def cache_stats(self) -> CacheStats:
         return self.slot_cache.stats
 
+    def memory_stats(self) -> MemoryStats:
+        """The KV block pool and the adapter pool, for metrics (read without the engine's lock: a scrape may see
+        counts from two neighbouring steps)."""
+        blocks, pool = self.blocks, self.slot_cache.usage()
+        return MemoryStats(
+            kv_blocks_used=blocks.num_used,
+            kv_blocks_cached=blocks.num_cached,
+            kv_blocks_free=blocks.num_free - blocks.num_cached,
+            kv_block_bytes=self.block_bytes,
+            prefix_hit_tokens=blocks.hit_tokens,
+            preemptions=self.preemptions,
+            adapter_pool_bytes_used=pool.bytes_used,
+            adapter_pool_bytes_total=pool.bytes_total,
+        )
+
     def adapter_tier(self, name: str) -> str:
         """Where adapter ``name`` is now: "gpu" (in a slot), "cpu" (a host copy) or "disk"."""
         return self.slot_cache.tier(name)
@@ -226,21 +259,22 @@ class Engine:
         """Run one engine iteration; returns the number of tokens processed (0 when idle)."""
         self._take_new_requests()
         plan = self.scheduler.schedule()
+        self.preemptions += len(plan.preempted)
         self._make_adapters_resident(plan)
         self.outputs.finish_aborted(plan.aborted)
         self._observe(plan)
         if not plan.scheduled:
             return 0
-        chunks, needing = self._prepare(plan.scheduled)
+        chunks, copies, needing = self._prepare(plan.scheduled)
         try:
-            logits = self.runner.run(chunks)
+            logits = self.runner.run(chunks, copies)
             prompt_logprobs = self._prompt_logprobs(plan.scheduled, chunks, logits.positions)
             sampling = [r for r in needing if r.params.max_new_tokens > 0]
             sampled = sample(logits.sample, self.outputs.samplers(sampling))
         except Exception as exc:  # noqa: BLE001 - fail this batch's requests, keep serving
             self.outputs.fail([item.req for item in plan.scheduled], step_failure(exc, plan.num_tokens))
             return 0
-        self._advance(plan.scheduled)
+        self.scheduler.advance(plan.scheduled)
         for req, logprobs in prompt_logprobs:
             self.outputs.add_prompt_logprobs(req, logprobs)
         self.outputs.finish_scored(r for r in needing if r.params.max_new_tokens == 0)
@@ -263,25 +297,29 @@ class Engine:
             observe(plan.num_tokens)
 
     @staticmethod
-    def _prepare(scheduled: Seq[ScheduledRequest]) -> tuple[list[SequenceChunk], list[EngineRequest]]:
-        """The model runner's chunks for this step, and the requests whose prompt is complete (they get a token,
-        or, scoring only, finish)."""
+    def _prepare(
+        scheduled: Seq[ScheduledRequest],
+    ) -> tuple[list[SequenceChunk], list[tuple[int, int]], list[EngineRequest]]:
+        """The model runner's chunks for this step, the KV block copies to make first (forked sequences), and the
+        requests whose prompt is complete (they get a token, or, scoring only, finish)."""
         chunks = []
+        copies: list[tuple[int, int]] = []
         needing = []
         for item in scheduled:
             req = item.req
-            assert req.row is not None and req.slot is not None, "a scheduled request holds a row and a slot"
-            end = req.num_computed + item.num_tokens
+            assert req.slot is not None, "a scheduled request holds an adapter slot"
+            start = req.num_computed
+            end = start + item.num_tokens
             last = end == req.num_tokens
             chunks.append(SequenceChunk(
-                req.row, req.slot, req.token_slice(req.num_computed, end), req.num_computed,
+                req.block_table, req.slot, req.token_slice(start, end), start,
                 needs_logits=last and req.params.max_new_tokens > 0,
-                all_logits=req.params.prompt_logprobs is not None and req.in_prefill,
-                copy_from=item.fork_from,
+                all_logits=_scores_prompt(req, end),
             ))  # fmt: skip
+            copies.extend(item.copy_blocks)
             if last:
                 needing.append(req)
-        return chunks, needing
+        return chunks, copies, needing
 
     @staticmethod
     def _prompt_logprobs(
@@ -290,22 +328,22 @@ class Engine:
         """Log-probabilities of the prompt tokens each prompt chunk predicts (``prompt_logprobs`` requests only).
 
         A chunk at positions start..end predicts prompt tokens start+1..end (the last position of the prompt
-        predicts the first generated token, scored by the sampler); the prompt's first token has no prediction."""
+        predicts the first generated token, scored by the sampler); the prompt's first token has no prediction.
+        A request recomputing its prompt after a preemption reports only the positions it has not reported yet
+        (``req.prompt_scored``)."""
         out: list[tuple[EngineRequest, list[TokenLogprob | None]]] = []
         wanting = [item for item, chunk in zip(scheduled, chunks, strict=True) if chunk.all_logits]  # as _prepare set
         for item, logits in zip(wanting, positions, strict=True):
             req, start = item.req, item.req.num_computed
             k = req.params.prompt_logprobs
             assert k is not None
-            targets = req.prompt_ids[start + 1 : start + item.num_tokens + 1]
-            first: list[TokenLogprob | None] = [None] if start == 0 else []
-            out.append((req, first + list(prompt_logprobs(logits, targets, k))))
+            end = start + item.num_tokens
+            first_target = max(start + 1, req.prompt_scored)  # tokens reported before a preemption are skipped
+            targets = req.prompt_ids[first_target : end + 1]
+            first: list[TokenLogprob | None] = [None] if req.prompt_scored == 0 else []  # token 0: no prediction
+            out.append((req, first + list(prompt_logprobs(logits[first_target - 1 - start :], targets, k))))
+            req.prompt_scored = max(req.prompt_scored, min(end + 1, len(req.prompt_ids)))
         return out
-
-    @staticmethod
-    def _advance(scheduled: Seq[ScheduledRequest]) -> None:
-        for item in scheduled:
-            item.req.num_computed += item.num_tokens
 
     # ---- what the loop drives (engine thread) ------------------------------------------------------------------
     def busy(self) -> bool:
@@ -339,6 +377,12 @@ class Engine:
     def stopped_reason(self) -> str | None:
         """Why the watchdog stopped the engine, or None while it has not."""
         return self.engine_loop.stopped_reason
+
+
+def _scores_prompt(req: EngineRequest, end: int) -> bool:
+    """Whether the chunk of ``req`` ending at position ``end`` predicts prompt tokens whose log-probs are still to
+    report (``req.prompt_scored``: prompt tokens reported so far; a chunk ending at ``end`` reaches token ``end``)."""
+    return req.params.prompt_logprobs is not None and min(end + 1, len(req.prompt_ids)) > req.prompt_scored
 
 
 def _eos_ids(model: LoraModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:

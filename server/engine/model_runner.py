@@ -7,7 +7,7 @@ import torch
 
 from server.engine.attention import AttentionContext, AttentionMetadata, PrefillSegment, install, sliding_window_of
 from server.engine.errors import AcceleratorOutOfMemory
-from server.engine.kv_cache import KVCache
+from server.engine.kv_cache import PagedKVCache
 from server.kernels.mapping import TokenSlotMapping
 from server.model.lora_model import LoraModel
 from server.model.packed_linear import warm_up
@@ -15,15 +15,15 @@ from server.model.packed_linear import warm_up
 
 @dataclass(frozen=True)
 class SequenceChunk:
-    """One sequence's share of a step: ``token_ids`` at positions ``start..``, KV ``row``, LoRA ``slot``."""
+    """One sequence's share of a step: ``token_ids`` at positions ``start..``, LoRA ``slot``, and the sequence's
+    ``block_table`` (KV block ids in position order, covering at least ``end`` positions)."""
 
-    row: int
+    block_table: Sequence[int]
     slot: int
     token_ids: Sequence[int]
     start: int
     needs_logits: bool  # the logits of the last position, to sample the next token from
     all_logits: bool = False  # the logits of every position (prompt log-probabilities)
-    copy_from: tuple[int, int] | None = None  # (row, length): copy that row's first positions into ``row`` first
 
     @property
     def end(self) -> int:
@@ -44,11 +44,20 @@ class StepLogits:
 
 
 class ModelRunner:
-    """Owns the KV cache and runs one flattened forward pass per step over many sequences and adapters."""
+    """Owns the paged KV cache and runs one flattened forward pass per step over many sequences and adapters."""
 
-    def __init__(self, lora_model: LoraModel, max_rows: int, max_len: int, max_tokens: int | None = None) -> None:
-        """``max_rows`` sequences of up to ``max_len`` positions; a step runs at most ``max_tokens`` (default
-        ``max_rows``) tokens, which only sizes the start-up warm-up of the CPU's packed-weight kernels."""
+    def __init__(
+        self,
+        lora_model: LoraModel,
+        num_blocks: int,
+        block_size: int,
+        max_len: int,
+        max_rows: int,
+        max_tokens: int | None = None,
+    ) -> None:
+        """A pool of ``num_blocks`` KV blocks of ``block_size`` positions; sequences of up to ``max_len`` positions;
+        ``max_rows`` sequences and ``max_tokens`` (default ``max_rows``) tokens a step, which only size the start-up
+        warm-up of the CPU's packed-weight kernels."""
         self.lora_model = lora_model
         self.model = lora_model.model
         self.device = lora_model.device
@@ -58,8 +67,9 @@ class ModelRunner:
                 f"the model uses sliding-window attention ({window} tokens), which the KV cache does not implement; "
                 f"use a maximum sequence length of at most {window}"
             )
-        self.cache = KVCache.for_model(self.model.config, max_rows, max_len, lora_model.dtype, self.device)
-        self.attention = AttentionContext(self.cache)
+        self.max_len = max_len
+        self.cache = PagedKVCache.for_model(self.model.config, num_blocks, block_size, lora_model.dtype, self.device)
+        self.attention = AttentionContext(self.cache, max_len)
         install(self.model, self.attention)
         warm_up(self.model, max(max_tokens or max_rows, max_rows), max_rows)  # CPU packed weights: no-op elsewhere
         # A prepared 4D mask makes transformers skip building its own; our attention ignores it.
@@ -69,53 +79,57 @@ class ModelRunner:
     def vocab_size(self) -> int:
         return int(self.model.config.vocab_size)
 
-    def run(self, chunks: Sequence[SequenceChunk]) -> StepLogits:
-        """Forward all chunks at once (after the KV row copies they ask for); see ``StepLogits``.
+    def run(self, chunks: Sequence[SequenceChunk], copies: Sequence[tuple[int, int]] = ()) -> StepLogits:
+        """Copy the KV blocks ``copies`` asks for ((src, dst) pairs, e.g. a forked sequence's partial last block),
+        then forward all chunks at once; see ``StepLogits``.
 
         Raises AcceleratorOutOfMemory (after emptying the allocator's cache) when the device runs out of memory."""
         try:
-            return self._run(chunks)
+            return self._run(chunks, copies)
         except torch.OutOfMemoryError as exc:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             raise AcceleratorOutOfMemory(str(exc).splitlines()[0] if str(exc) else "out of memory") from None
 
     @torch.inference_mode()
-    def _run(self, chunks: Sequence[SequenceChunk]) -> StepLogits:
+    def _run(self, chunks: Sequence[SequenceChunk], copies: Sequence[tuple[int, int]]) -> StepLogits:
         if not chunks:
             raise ValueError("nothing to run")
-        for c in chunks:
-            if c.copy_from is not None:
-                self.cache.copy_prefix(c.copy_from[0], c.row, c.copy_from[1])
+        self.cache.copy_blocks(copies)
         # Decode tokens first, then prompt chunks, each part sorted by LoRA slot: every adapter's decode tokens form
-        # one run, every prompt chunk another, and the decode tokens of a step one span (the LoRA grid's usual case).
+        # one run, every prompt chunk another, and the decode tokens of a step one span (the LoRA grid's usual case)
+        # and the first tokens of the batch (the attention's decode kernel reads them as one block).
         order = sorted(range(len(chunks)), key=lambda i: (len(chunks[i].token_ids) > 1, chunks[i].slot))
+        bs = self.cache.block_size
         ids: list[int] = []
         positions: list[int] = []
-        rows: list[int] = []
+        slot_index: list[int] = []
         slots: list[int] = []
-        prefills: list[PrefillSegment] = []
-        decodes: list[tuple[int, int, int]] = []  # (row, flattened index, context length)
+        prefills: list[tuple[int, int, SequenceChunk]] = []  # (first, end) flattened indices of each prompt chunk
+        decodes: list[SequenceChunk] = []
         keep: list[tuple[int, int]] = []  # (chunk index, flattened index) of each position whose logits are kept
         for i in order:
             c = chunks[i]
-            if c.end > self.cache.max_len:
-                raise ValueError(f"sequence needs {c.end} positions; the KV cache holds {self.cache.max_len}")
+            if c.end > self.max_len:
+                raise ValueError(f"sequence needs {c.end} positions; the runner accepts at most {self.max_len}")
+            if len(c.block_table) * bs < c.end:
+                raise ValueError(f"a block table of {len(c.block_table)} blocks cannot hold {c.end} positions")
             first = len(ids)
             ids.extend(c.token_ids)
             positions.extend(range(c.start, c.end))
-            rows.extend([c.row] * len(c.token_ids))
+            table = c.block_table
+            slot_index.extend(table[p // bs] * bs + p % bs for p in range(c.start, c.end))
             slots.extend([c.slot] * len(c.token_ids))
             if len(c.token_ids) == 1:
-                decodes.append((c.row, first, c.end))
+                decodes.append(c)
             else:
-                prefills.append(PrefillSegment(first, len(ids), c.row, c.end))
+                prefills.append((first, len(ids), c))
             if c.all_logits:
                 keep.extend((i, t) for t in range(first, len(ids)))
             elif c.needs_logits:
                 keep.append((i, len(ids) - 1))
 
-        self.attention.metadata = self._metadata(rows, positions, prefills, decodes)
+        self.attention.metadata = self._metadata(slot_index, prefills, decodes)
         device = self.device
         input_ids = torch.tensor([ids], dtype=torch.int64, device=device)
         position_ids = torch.tensor([positions], dtype=torch.int64, device=device)
@@ -152,37 +166,25 @@ class ModelRunner:
 
     def _metadata(
         self,
-        rows: list[int],
-        positions: list[int],
-        prefills: list[PrefillSegment],
-        decodes: list[tuple[int, int, int]],
+        slot_index: list[int],
+        prefills: list[tuple[int, int, SequenceChunk]],
+        decodes: list[SequenceChunk],
     ) -> AttentionMetadata:
         device = self.device
-        empty = torch.empty(0, dtype=torch.int64, device=device)
-        decode_mask = None
-        base = count = 0
-        decode_index = decode_rows = empty
-        if decodes:
-            decodes.sort()
-            base = decodes[0][0]
-            count = decodes[-1][0] - base + 1
-            length = max(ctx for _, _, ctx in decodes)
-            contexts = [1] * count  # window rows without a decode token see key 0 only: finite, then discarded
-            for row, _, ctx in decodes:
-                contexts[row - base] = ctx
-            ctx_t = torch.tensor(contexts, dtype=torch.int64, device=device)
-            decode_mask = (torch.arange(length, device=device).unsqueeze(0) < ctx_t.unsqueeze(1)).view(
-                count, 1, 1, length
-            )
-            decode_index = torch.tensor([t for _, t, _ in decodes], dtype=torch.int64, device=device)
-            decode_rows = torch.tensor([row - base for row, _, _ in decodes], dtype=torch.int64, device=device)
+        bs = self.cache.block_size
+        segments = []
+        for first, end, c in prefills:
+            fresh = c.start == 0  # the whole context is in this step: no pool read
+            needed = -(-c.end // bs)
+            blocks = None if fresh else torch.tensor(c.block_table[:needed], dtype=torch.int64, device=device)
+            segments.append(PrefillSegment(first, end, c.end, blocks))
+        width = max((-(-c.end // bs) for c in decodes), default=0)
+        tables = [list(c.block_table[:width]) + [0] * (width - min(width, len(c.block_table))) for c in decodes]
         return AttentionMetadata(
-            rows=torch.tensor(rows, dtype=torch.int64, device=device),
-            positions=torch.tensor(positions, dtype=torch.int64, device=device),
-            prefills=tuple(prefills),
-            decode_index=decode_index,
-            decode_rows=decode_rows,
-            decode_row_base=base,
-            decode_row_count=count,
-            decode_mask=decode_mask,
+            slot_index=torch.tensor(slot_index, dtype=torch.int64, device=device),
+            prefills=tuple(segments),
+            num_decodes=len(decodes),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=device).view(len(decodes), width),
+            context_lens=torch.tensor([c.end for c in decodes], dtype=torch.int32, device=device),
+            max_context=max((c.end for c in decodes), default=0),
         )

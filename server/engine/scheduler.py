@@ -1,20 +1,22 @@
 """Adapter-aware continuous-batching scheduler (torch-free).
 
-Every step: running requests keep their place (one decode token each, or their next prompt chunk), then waiting
-requests are admitted while a KV row, token budget and an adapter slot are available. A waiting request whose
-adapter is still being read from disk is skipped (the read runs on a worker thread) so it never blocks others.
-Admission only *reserves* an adapter slot (``Slots.reserve``: a pin and a decision); the engine writes the weights
-to the device before the step runs, and a write that fails comes back here (``drop_failed_loads``).
+Every step: running requests keep their place, each with its next tokens (``num_tokens - num_computed``: a prompt
+chunk, one decode token, or a preempted request's recomputation) within the token budget, and KV blocks for them;
+when the pool runs dry, the most recently admitted one is *preempted* (its blocks and adapter pin go back; it waits
+at the front of the queue to recompute, from its own blocks if the prefix cache kept them). Then, unless this step
+preempted, waiting requests are admitted while rows, token budget, adapter slots and KV blocks (past a watermark,
+so admission does not cause preemption) last; the first that finds too few blocks ends admission (no overtaking on
+memory). One whose adapter is being read from disk (on a worker thread) is skipped, never blocking others.
+Admission only *reserves* an adapter slot; the engine writes the weights, and a failed write comes back here.
 
 Admission order: with ``adapter_affinity`` (the default), among the first ``AFFINITY_WINDOW`` waiting requests the
-oldest one whose adapter is already running (or that needs no adapter) goes first, because it adds no adapter
-weights to a step's reads; otherwise the oldest waiting request goes next. Without affinity it is arrival order.
-Either way, when the oldest waiting request has been passed over for ``starvation_steps`` steps, nothing else is
-admitted until it is, whatever the adapter popularity.
+oldest one whose adapter is already running (or that needs no adapter) goes first: it adds no adapter weights to a
+step's reads; else the oldest waiting request goes next (without affinity: arrival order). Either way, once the
+oldest waiting request has been passed over for ``starvation_steps`` steps, nothing else is admitted until it is.
 
-Adapter reads: the prefetcher holds a bounded number of reads; the oldest waiting request may make room in it, and
-a read is forgotten as soon as the last waiting request for its adapter leaves the queue (admitted, finished,
-cancelled, timed out), so cancelled requests leave no host copies behind.
+Adapter reads: the prefetcher holds a bounded number of reads; the oldest waiting request may make room in it, and a
+read is forgotten once the last waiting request for its adapter leaves the queue (admitted, finished, cancelled,
+timed out), so cancelled requests leave no host copies behind.
 """
 
 import time
@@ -23,70 +25,55 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from server.engine.block_manager import BlockManager
 from server.engine.request import EngineRequest, FinishReason, Status
 from server.kernels.slots import BASE_SLOT
 from server.lora.slot_cache import NoFreeSlotError
 
 AFFINITY_WINDOW = 256  # waiting requests searched for a running adapter: bounds the work of one admission
+WATERMARK = 0.01  # of the KV blocks, left free by admission while requests run (vLLM's default)
 
 
 class Slots(Protocol):
     """What admission needs from the slot cache (``SlotCache``): decisions only, the device write comes later."""
 
-    def tier(self, name: str) -> str:
-        """Where ``name`` is: "gpu" (in a slot), "cpu" (a host copy) or "disk"."""
-
-    def reserve(self, name: str) -> int:
-        """Pin ``name`` in a slot (written to the device later); raises ``NoFreeSlotError`` when all are pinned."""
-
-    def release(self, name: str, slot: int | None = None) -> None:
-        """Unpin one ``reserve`` of ``name`` in ``slot``."""
+    # Where ``name`` is: "gpu" (in a slot), "cpu" (a host copy) or "disk".
+    def tier(self, name: str) -> str: ...
+    # Pin ``name`` in a slot (written to the device later); raises ``NoFreeSlotError`` when all are pinned.
+    def reserve(self, name: str) -> int: ...
+    def release(self, name: str, slot: int | None = None) -> None: ...  # unpin one ``reserve`` of ``name``
 
 
 class AdapterReads(Protocol):
     """What admission needs from the background adapter reader (``AdapterPrefetcher``)."""
 
-    def state(self, name: str) -> str:
-        """The read of ``name``: "absent", "pending", "ready" or "failed"."""
-
-    def request(self, name: str, urgent: bool = False) -> bool:
-        """Start reading ``name``; False when nothing is held for it and nothing could start."""
-
-    def error(self, name: str) -> BaseException | None:
-        """A failed read's error, forgotten as it is returned."""
-
-    def forget(self, name: str) -> None:
-        """Drop whatever is pending or held for ``name``."""
+    # The read of ``name``: "absent", "pending", "ready" or "failed".
+    def state(self, name: str) -> str: ...
+    # Start reading ``name``; False when nothing is held for it and nothing could start.
+    def request(self, name: str, urgent: bool = False) -> bool: ...
+    # A failed read's error, forgotten as it is returned.
+    def error(self, name: str) -> BaseException | None: ...
+    # Drop whatever is pending or held for ``name``.
+    def forget(self, name: str) -> None: ...
 
 
 @dataclass(frozen=True)
 class ScheduledRequest:
     req: EngineRequest
-    num_tokens: int  # new tokens this step: a prompt chunk, or 1 when decoding
-    # (source row, positions): copy that many positions of the source's KV row into this request's row before the
-    # step runs (a sequence forked from another on the same prompt; see EngineRequest.fork_parent).
-    fork_from: tuple[int, int] | None = None
+    num_tokens: int  # tokens computed this step, from req.num_computed: a prompt chunk, 1 when decoding
+    # (source, destination) KV blocks to copy before the step runs: a fork's partial last prompt block (fork_parent)
+    copy_blocks: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     aborted: list[EngineRequest] = field(default_factory=list)  # finished this step without running (cancelled, failed)
+    preempted: list[EngineRequest] = field(default_factory=list)  # sent back to the queue; they recompute later
 
     @property
     def num_tokens(self) -> int:
         return sum(s.num_tokens for s in self.scheduled)
-
-
-def _fork_length(req: EngineRequest) -> int | None:
-    """Prompt positions ``req`` copies from its fork parent at admission (0: prefill it all), or None: wait."""
-    parent = req.fork_parent
-    if parent is None:
-        return 0
-    if parent.status is Status.FINISHED:  # the parent's row is gone: prefill on its own
-        req.fork_parent = None
-        return 0
-    return req.fork_length
 
 
 class Scheduler:
@@ -96,6 +83,7 @@ class Scheduler:
         max_tokens_per_step: int,
         slots: Slots,
         prefetcher: AdapterReads,
+        blocks: BlockManager,
         starvation_steps: int = 32,
         clock: Callable[[], float] = time.monotonic,
         adapter_affinity: bool = True,
@@ -106,12 +94,13 @@ class Scheduler:
         self.max_tokens_per_step = max_tokens_per_step
         self.slots = slots
         self.prefetcher = prefetcher
+        self.blocks = blocks
+        self.watermark = int(WATERMARK * blocks.num_blocks)
         self.starvation_steps = starvation_steps
         self.clock = clock
         self.adapter_affinity = adapter_affinity
         self.waiting: deque[EngineRequest] = deque()
         self.running: list[EngineRequest] = []
-        self._free_rows = list(range(max_rows - 1, -1, -1))  # pop() hands out the lowest row first
         self._head: EngineRequest | None = None
         self._head_passed_over = 0
         self._waiting_for: Counter[str] = Counter()  # adapter -> waiting requests that use it
@@ -128,38 +117,50 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def add(self, req: EngineRequest) -> None:
-        self.waiting.append(req)
+    def add(self, req: EngineRequest, front: bool = False) -> None:
+        (self.waiting.appendleft if front else self.waiting.append)(req)
         if req.adapter is not None:
             self._waiting_for[req.adapter] += 1
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         self._drop_abandoned(out)
-        budget = self.max_tokens_per_step
-        for req in self.running:
-            n = min(len(req.prompt_ids) - req.num_computed, budget) if req.in_prefill else 1
-            if n > 0:
-                out.scheduled.append(ScheduledRequest(req, n))
+        # Every decoding row gets its token (max_tokens_per_step >= max_rows); prompt chunks share what is left, so a
+        # long prompt never stalls the decodes behind it.
+        decoding = sum(1 for req in self.running if req.num_tokens - req.num_computed == 1)
+        budget = self.max_tokens_per_step - decoding
+        for req in list(self.running):
+            left = req.num_tokens - req.num_computed
+            n = 1 if left == 1 else min(left, budget)
+            if req.status is not Status.RUNNING or n <= 0 or not self._grow(req, n, out):
+                continue  # preempted this step, nothing to run (or no budget left), or preempted now
+            out.scheduled.append(ScheduledRequest(req, n))
+            if left > 1:
                 budget -= n
-        self._admit(out, budget)
+        if not out.preempted:  # the blocks just freed would be handed straight back: admit next step
+            self._admit(out, budget)
         return out
 
+    def advance(self, scheduled: list[ScheduledRequest]) -> None:
+        """The step ran: its tokens' K/V is in the cache (and full blocks enter the prefix cache)."""
+        for item in scheduled:
+            item.req.num_computed += item.num_tokens
+            self.blocks.register_computed(item.req)
+
     def finish(self, req: EngineRequest, reason: FinishReason, error: str | None = None) -> None:
-        """Mark ``req`` finished and give back its KV row and adapter pin."""
+        """Mark ``req`` finished and give back its KV blocks and adapter pin."""
         if req.status is Status.RUNNING:
             self.running.remove(req)
             self._release(req)
         elif req.status is Status.WAITING and req in self.waiting:
             self._leave_queue(req)
         req.status = Status.FINISHED
-        req.finish_reason = reason
-        req.error = error
+        req.finish_reason, req.error = reason, error
         req.finished_at = self.clock()
 
     def drop_failed_loads(self, out: SchedulerOutput, failed: Mapping[int, BaseException]) -> None:
         """The adapter writes into the slots ``failed`` (slot -> error) did not happen: finish the requests this step
-        scheduled on them (their row and pin go back) and move them from ``out.scheduled`` to ``out.aborted``."""
+        scheduled on them (their blocks and pin go back) and move them from ``out.scheduled`` to ``out.aborted``."""
         kept = []
         for item in out.scheduled:
             req = item.req
@@ -184,13 +185,23 @@ class Scheduler:
                 self.prefetcher.forget(name)
 
     def _release(self, req: EngineRequest) -> None:
-        assert req.row is not None
-        self._free_rows.append(req.row)
-        self._free_rows.sort(reverse=True)
+        self.blocks.free(req)
         if req.adapter is not None and req.slot is not None:
             self.slots.release(req.adapter, req.slot)
-        req.row = None
         req.slot = None
+
+    def _grow(self, req: EngineRequest, num_tokens: int, out: SchedulerOutput) -> bool:
+        """Give ``req`` blocks for ``num_tokens``, preempting the newest running requests; False if it went too."""
+        while not self.blocks.grow(req, num_tokens):
+            victim = self.running.pop()
+            self._release(victim)
+            victim.status, victim.num_computed = Status.WAITING, 0
+            victim.num_preemptions += 1
+            self.add(victim, front=True)
+            out.preempted.append(victim)
+            if victim is req:
+                return False
+        return True
 
     def _drop_abandoned(self, out: SchedulerOutput) -> None:
         """Finish the requests whose client cancelled them and those past their deadline, waiting or running."""
@@ -211,30 +222,35 @@ class Scheduler:
         candidates = [head] if reserved and head is not None else list(self.waiting)
         affinity = self.adapter_affinity and not reserved
         window = candidates[:AFFINITY_WINDOW] if affinity else []
+        blocked = False  # a request found too few free KV blocks: none after it may take them
+
+        def full() -> bool:
+            return blocked or len(self.running) >= self.max_rows or budget <= 0
 
         def admit(req: EngineRequest) -> bool:
-            nonlocal budget
-            if req.status is not Status.WAITING or not self._free_rows or budget <= 0:
+            nonlocal budget, blocked
+            if full() or req.status is not Status.WAITING:
                 return False
-            fork = _fork_length(req)
+            fork = req.fork_start()
             if fork is None:
                 return False  # its fork parent is still prefilling the shared prompt: wait for it, others go on
+            blocks = self.blocks
+            prefix = blocks.fork_prefix(req.fork_parent, fork) if req.fork_parent and fork else blocks.lookup(req)
+            n = min(req.num_tokens - prefix.tokens, budget)
+            if blocks.admission_blocks(prefix, n) > blocks.num_free - (self.watermark if self.running else 0):
+                blocked = True
+                return False
             slot = self._adapter_slot(req, out, urgent=req is head)
             if slot is None:
                 return False
             self._leave_queue(req)
-            req.row = self._free_rows.pop()
-            req.slot = slot
-            req.status = Status.RUNNING
-            req.admitted_at = self.clock()
+            copies = blocks.admit(req, prefix, n)
+            req.num_computed = prefix.tokens  # shared blocks hold them (a copied block: before this step runs)
+            req.num_cached_tokens = prefix.tokens if prefix.lookup else 0
+            req.slot, req.status = slot, Status.RUNNING
+            req.admitted_at = self.clock() if req.admitted_at is None else req.admitted_at  # a resumed one keeps it
             self.running.append(req)
-            fork_from = None
-            if fork:
-                assert req.fork_parent is not None and req.fork_parent.row is not None
-                fork_from = (req.fork_parent.row, fork)
-                req.num_computed = fork  # the copy is made before this step runs
-            n = min(len(req.prompt_ids) - req.num_computed, budget)
-            out.scheduled.append(ScheduledRequest(req, n, fork_from))
+            out.scheduled.append(ScheduledRequest(req, n, tuple(copies)))
             budget -= n
             return True
 
@@ -247,7 +263,7 @@ class Scheduler:
         if affinity:
             admit_on(active)
         for req in candidates:
-            if not self._free_rows or budget <= 0:
+            if full():
                 break
             if admit(req) and affinity and req.adapter not in active:
                 active.add(req.adapter)
@@ -256,9 +272,8 @@ class Scheduler:
             self._head_passed_over += 1
 
     def _adapter_slot(self, req: EngineRequest, out: SchedulerOutput, urgent: bool) -> int | None:
-        """The slot ``req`` runs in, pinned; None when it must wait (adapter loading or every slot pinned).
-
-        ``urgent``: ``req`` is the oldest waiting request, whose read may displace a finished one (see prefetch)."""
+        """The slot ``req`` runs in, pinned; None when it must wait (adapter loading or every slot pinned). ``urgent``:
+        ``req`` is the oldest waiting request, whose read may displace a finished one (see prefetch)."""
         name = req.adapter
         if name is None:
             return BASE_SLOT

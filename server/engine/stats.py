@@ -37,3 +37,17 @@ def finished_record(req: EngineRequest) -> FinishedRecord:
         tpot_seconds=None if first is None or n < 2 else (req.finished_at - first) / (n - 1),
         e2e_seconds=req.finished_at - req.arrival,
     )
+
+
+@dataclass(frozen=True)
+class MemoryStats:
+    """Where the engine's preallocated pools stand (read at scrape time). Counters are monotonic."""
+
+    kv_blocks_used: int  # blocks held by running requests
+    kv_blocks_cached: int  # blocks holding a cached prefix that no request uses (reused or evicted on demand)
+    kv_blocks_free: int  # blocks holding nothing
+    kv_block_bytes: int  # bytes of one block (every layer, K and V)
+    prefix_hit_tokens: int  # prompt tokens served from the prefix cache instead of computed (counter)
+    preemptions: int  # running requests preempted for lack of KV blocks (counter)
+    adapter_pool_bytes_used: int  # adapter weights resident on the accelerator
+    adapter_pool_bytes_total: int  # the adapter pool's budget

@@ -4,11 +4,11 @@ The tokens of one adapter that sit next to each other (a prompt chunk, or one ad
 sorts tokens by slot) form a run, and each run gets two small dense matmuls at its slot's true rank through the
 layer's per-slot views: the SGMV layout of Punica/LoRAX written with torch matmuls. Short runs cost one dispatch
 pair per adapter that way, so when a step has many of them (``MIN_SHORT_RUNS``) they go on a [slots, rows] grid,
-the used slots' weights are copied once and two ``bmm`` calls do the add: a fixed number of calls however many
-adapters the step mixes.
+the used slots' pool rows are gathered once (each padded to the largest rank among them with the pool's zero row)
+and two ``bmm`` calls do the add: a fixed number of calls however many adapters the step mixes.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,6 +34,8 @@ class ShortRuns:
     tokens: [n] int64   flattened-token index of each real token; cells: [n] int64 its grid cell
     span:   (start, end) when the tokens are exactly ``x[start:end]`` in grid order (one token per slot, in slot
             order: the usual decode step), so the grid is a view of ``x`` and the result a slice of ``y``
+    pool_rows: per layout of the slots' (offset, rank) in a layer: the [D*r] int64 pool rows to gather and r (the
+            largest of those ranks); filled by the first layer of each layout (layers of one shape share one)
     """
 
     slots: torch.Tensor
@@ -43,6 +45,7 @@ class ShortRuns:
     tokens: torch.Tensor
     cells: torch.Tensor
     span: tuple[int, int] | None
+    pool_rows: dict[tuple[int, ...], tuple[torch.Tensor, int]] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ class GroupedOp:
         return GroupedMeta(tuple(long_runs), short)
 
     def add(self, y: torch.Tensor, x: torch.Tensor, weights: LoraWeights, meta: GroupedMeta) -> None:
-        """y[t] += scales[s] * (x[t] @ a[s, :r].T) @ b[s, :r]: each long run by two dense matmuls, short runs on a grid.
+        """y[t] += scales[s] * (x[t] @ a[o:o+r].T) @ b[o:o+r]: each long run by two dense matmuls, short runs on a grid.
 
         y: [T, out]  x: [T, in]. Tokens of BASE_SLOT are skipped. ``meta.runs`` are host-side ints, so no device
         sync happens here; each run is computed at its slot's true rank, in place on slices of ``x`` and ``y``,
@@ -128,11 +131,11 @@ def _split_runs(runs: list[Run], device: torch.device) -> tuple[list[Run], Short
 def _lora_add_short(y: torch.Tensor, x: torch.Tensor, weights: LoraWeights, short: ShortRuns) -> None:
     """The same add for the short-run tokens, over a [D slots, M rows] grid with two ``bmm`` calls.
 
-    Copies the D slots' A and B (``[D, r, in]``, ``[D, r, out]``, r = the largest rank present: the bytes the
-    per-slot matmuls would read anyway) so the call count does not grow with the number of adapters.
+    Gathers the D slots' A and B rows (``[D, r, in]``, ``[D, r, out]``, r = the largest rank present, a smaller
+    rank padded with the zero row: the bytes the per-slot matmuls would read anyway) so the call count does not grow
+    with the number of adapters.
     """
-    a, b, scales, ranks = weights.a, weights.b, weights.scales, weights.ranks
-    r = max(ranks[slot] for slot in short.distinct)
+    rows, r = _short_pool_rows(weights, short)
     if r == 0:
         return
     d, m = len(short.distinct), short.rows
@@ -141,12 +144,25 @@ def _lora_add_short(y: torch.Tensor, x: torch.Tensor, weights: LoraWeights, shor
         grid = x[start:end].view(d, 1, -1)  # [D, 1, in]
     else:
         grid = x.index_select(0, short.gather).view(d, m, -1)  # [D, M, in]
-    a_used = a[:, :r].index_select(0, short.slots)  # [D, r, in]
-    b_used = b[:, :r].index_select(0, short.slots)  # [D, r, out]
+    a_used = weights.a.index_select(0, rows).view(d, r, -1)  # [D, r, in]
+    b_used = weights.b.index_select(0, rows).view(d, r, -1)  # [D, r, out]
     xa = torch.bmm(grid, a_used.transpose(1, 2))  # [D, M, r]
-    xa.mul_(scales.index_select(0, short.slots).view(d, 1, 1))
+    xa.mul_(weights.scales.index_select(0, short.slots).view(d, 1, 1))
     out = torch.bmm(xa, b_used).view(d * m, -1)  # [D*M, out]
     if short.span is not None:
         y[start:end] += out.to(y.dtype)
     else:
         y.index_add_(0, short.tokens, out.index_select(0, short.cells).to(y.dtype))
+
+
+def _short_pool_rows(weights: LoraWeights, short: ShortRuns) -> tuple[torch.Tensor, int]:
+    """[D*r] int64 pool rows of the grid's slots in this layer, each slot's padded to r with the zero row, and r."""
+    offsets, ranks = weights.offsets, weights.ranks
+    key = (weights.zero_row, *(v for s in short.distinct for v in (offsets[s], ranks[s])))
+    cached = short.pool_rows.get(key)
+    if cached is None:
+        r = max(ranks[s] for s in short.distinct)
+        zero = weights.zero_row
+        rows = [offsets[s] + j if j < ranks[s] else zero for s in short.distinct for j in range(r)]
+        cached = short.pool_rows[key] = (torch.tensor(rows, dtype=torch.int64, device=short.slots.device), r)
+    return cached

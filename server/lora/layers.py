@@ -1,6 +1,6 @@
-"""``BatchedLoraLinear``: a frozen ``nn.Linear`` plus stacked LoRA weights for all slots, applied unmerged per token."""
+"""``BatchedLoraLinear``: a frozen ``nn.Linear`` plus a pool of LoRA rank rows for all slots, applied unmerged per
+token."""
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -12,32 +12,32 @@ from server.lora.context import LoraContext
 
 
 class BatchedLoraLinear(nn.Module):
-    """``y = base(x) + scale[s] * (x @ A[s].T) @ B[s]`` where ``s`` is each token's slot from the shared context.
+    """``y = base(x) + scale[s] * (x @ A[o:o+r].T) @ B[o:o+r]`` where ``s`` is each token's slot from the shared
+    context and ``(o, r)`` the slot's rows in the pool.
 
-    Buffers are preallocated at the maximum rank for all slots (``num_slots + 1`` entries, entry BASE_SLOT stays
-    zero) so loading an adapter is a copy into a slice, never an allocation:
-        lora_a: [S+1, R, in]    lora_b: [S+1, R, out]    scales: [S+1]
-    ``weights`` hands them to the op as one object, with each slot's true rank for this layer (host ints) so the
-    fast ops skip the zero padding, and per-slot views.
+    The pool is preallocated at startup so loading an adapter is a copy into rows, never an allocation:
+        lora_a: [N+1, in]    lora_b: [N+1, out]    scales: [S+1]
+    ``N`` rank rows are shared by all ``S`` slots, each adapter at its own rank (the slot cache places it at the
+    same offset in every layer); row ``N`` stays zero (``LoraWeights.zero_row``). ``weights`` hands the pool to the
+    op as one object, with each slot's offset and true rank for this layer (host ints) and per-slot views.
     """
 
     lora_a: torch.Tensor
     lora_b: torch.Tensor
     scales: torch.Tensor
 
-    def __init__(
-        self, base: nn.Linear, num_slots: int, max_rank: int, context: LoraContext, op: LoraOp[Any]
-    ) -> None:
+    def __init__(self, base: nn.Linear, num_slots: int, pool_rows: int, context: LoraContext, op: LoraOp[Any]) -> None:
         super().__init__()
         self.base = base
         self.context = context
         self.op = op
         dtype, device = base.weight.dtype, base.weight.device
-        entries = num_slots + 1
-        self.register_buffer("lora_a", torch.zeros(entries, max_rank, base.in_features, dtype=dtype, device=device))
-        self.register_buffer("lora_b", torch.zeros(entries, max_rank, base.out_features, dtype=dtype, device=device))
-        self.register_buffer("scales", torch.zeros(entries, dtype=dtype, device=device))
+        rows = pool_rows + 1  # + the zero row
+        self.register_buffer("lora_a", torch.zeros(rows, base.in_features, dtype=dtype, device=device))
+        self.register_buffer("lora_b", torch.zeros(rows, base.out_features, dtype=dtype, device=device))
+        self.register_buffer("scales", torch.zeros(num_slots + 1, dtype=dtype, device=device))
         self.weights = LoraWeights(self.lora_a, self.lora_b, self.scales)
+        self.num_slots = num_slots
 
     @property
     def in_features(self) -> int:
@@ -46,6 +46,15 @@ class BatchedLoraLinear(nn.Module):
     @property
     def out_features(self) -> int:
         return self.base.out_features
+
+    @property
+    def pool_rows(self) -> int:
+        return self.weights.pool_rows
+
+    def home_offset(self, slot: int) -> int:
+        """A fixed offset for ``slot`` when adapters are placed by hand (no slot cache): the pool split evenly among
+        the slots, which with the default pool (``num_slots * max_rank`` rows) is one max-rank range per slot."""
+        return (slot - 1) * (self.pool_rows // self.num_slots)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> y: [..., out]; the mapping covers the flattened leading dimensions.
@@ -61,38 +70,51 @@ class BatchedLoraLinear(nn.Module):
         return y
 
     @torch.no_grad()
-    def write_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
-        """Load one adapter's weights for this layer into ``slot``; the rest of the slot is zeroed.
+    def write_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float, offset: int | None = None) -> None:
+        """Load one adapter's weights for this layer into ``slot``, at pool rows ``offset .. offset + r - 1``.
 
-        a: [r, in] (PEFT lora_A.weight)    b: [out, r] (PEFT lora_B.weight)    r <= max rank
-        Invariant kept by every write and clear: rows at or past ``ranks[slot]`` are zero, so only the rows the
-        previous occupant used beyond the new rank need zeroing (a full-slot zero costs more than the copy).
+        a: [r, in] (PEFT lora_A.weight)    b: [out, r] (PEFT lora_B.weight)    offset: None = ``home_offset(slot)``
+        Rows outside a slot's range are never read by the ops, so nothing else is zeroed.
         """
         self._check_slot(slot)
-        r, previous = a.shape[0], self.weights.ranks[slot]
-        if previous > r:
-            self.lora_a[slot, r:previous].zero_()
-            self.lora_b[slot, r:previous].zero_()
-        self.lora_a[slot, :r].copy_(a, non_blocking=True)
-        self.lora_b[slot, :r].copy_(b.T, non_blocking=True)
+        r = a.shape[0]
+        offset = self.home_offset(slot) if offset is None else offset
+        if not 0 <= offset <= offset + r <= self.pool_rows:
+            raise ValueError(f"rows {offset}..{offset + r - 1} of slot {slot} are outside the pool of {self.pool_rows}")
+        self.lora_a[offset : offset + r].copy_(a, non_blocking=True)
+        self.lora_b[offset : offset + r].copy_(b.T, non_blocking=True)
         self.scales[slot] = scale
-        self.weights.set(slot, r, scale)
+        self.weights.set(slot, offset, r, scale)
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
+        """Empty ``slot`` in this layer: rank 0 and scale 0, so no op reads its rows (they are left as they are)."""
         self._check_slot(slot)
-        previous = self.weights.ranks[slot]
-        if previous == 0:
-            return  # already empty (rows past rank 0 are zero, and so is the scale)
-        self.lora_a[slot, :previous].zero_()
-        self.lora_b[slot, :previous].zero_()
+        if self.weights.ranks[slot] == 0:
+            return  # already empty
         self.scales[slot] = 0.0
-        self.weights.set(slot, 0, 0.0)
+        self.weights.set(slot, 0, 0, 0.0)
+
+    @torch.no_grad()
+    def move_slot(self, slot: int, offset: int) -> None:
+        """Move ``slot``'s rows down to start at ``offset`` (compaction). Overlapping ranges are copied in chunks
+        no longer than the shift, first rows first, so each chunk lands on rows already copied (no temporary)."""
+        self._check_slot(slot)
+        old, r, view = self.weights.offsets[slot], self.weights.ranks[slot], self.weights.of[slot]
+        if view is None or old == offset:
+            return
+        if not 0 <= offset < old:
+            raise ValueError(f"slot {slot} moves down only (rows {old} -> {offset})")
+        shift = old - offset
+        for start in range(0, r, shift):
+            n = min(shift, r - start)
+            self.lora_a[offset + start : offset + start + n].copy_(self.lora_a[old + start : old + start + n])
+            self.lora_b[offset + start : offset + start + n].copy_(self.lora_b[old + start : old + start + n])
+        self.weights.set(slot, offset, r, view[2])
 
     def _check_slot(self, slot: int) -> None:
         if not BASE_SLOT < slot < self.scales.shape[0]:
             raise ValueError(f"slot {slot} is not an adapter slot (1..{self.scales.shape[0] - 1})")
 
     def extra_repr(self) -> str:
-        slots: Sequence[int] = range(1, len(self.weights.ranks))
-        return f"slots={len(slots)}, max_rank={self.lora_a.shape[1]}"
+        return f"slots={self.num_slots}, pool_rows={self.pool_rows}"

@@ -1,11 +1,15 @@
 """Which adapter sits in which accelerator slot: LRU slots with pinning, a bounded CPU tier, disk behind both.
 
-Tiers, fastest first: ``num_slots`` accelerator slots (``adapter_slots``; ``BASE_SLOT`` is never used here), an LRU
-of at most ``cpu_capacity`` host copies, and disk (the ``AdapterSource``), the source of truth. A running request
-pins the slot it got from ``reserve`` and unpins it with ``release``; a pinned slot is never evicted or overwritten.
+Tiers, fastest first: the accelerator's adapter pool, an LRU of at most ``cpu_capacity`` host copies, and disk (the
+``AdapterSource``), the source of truth. The pool holds adapters at their true rank: each resident adapter has a
+slot (``adapter_slots``, at most ``num_slots``; ``BASE_SLOT`` is never used here) and a contiguous range of rank
+rows (``RowAllocator``, the backend's ``pool_rows`` in all), so residency is decided by rows (bytes) and by slot
+count. A running request pins the slot it got from ``reserve`` and unpins it with ``release``; a pinned adapter is
+never evicted or overwritten (compaction may move its rows: that happens between steps, on the engine thread).
 
-Deciding and writing are apart: ``reserve`` (the scheduler's admission) picks and pins the slot and plans the device
-write; ``make_resident`` (the engine, before the step runs) does the planned clears and writes through the backend.
+Deciding and writing are apart: ``reserve`` (the scheduler's admission) picks and pins the slot, evicts and compacts
+(clears and row moves are small device copies), and plans the device write; ``make_resident`` (the engine, before
+the step runs) does the planned writes through the backend.
 
 A miss reads and validates the new adapter before it evicts anything, so a bad adapter costs the cache nothing, and
 eviction clears the slot so that no stale weights linger on the device. Torch-free: the weights type ``W`` is opaque
@@ -21,10 +25,11 @@ from dataclasses import dataclass
 from typing import Generic, Literal, Protocol, TypeVar
 
 from server.kernels.slots import adapter_slots
+from server.lora.row_allocator import RowAllocator
 
 
 class NoFreeSlotError(RuntimeError):
-    """Every accelerator slot is pinned by a running request; the caller must wait and retry."""
+    """Running requests pin every slot, or so many pool rows that the adapter cannot fit; wait and retry."""
 
 
 W = TypeVar("W")  # the host copy of an adapter's weights, opaque here
@@ -38,11 +43,26 @@ class AdapterSource(Protocol[W_co]):
 
 
 class SlotBackend(Protocol[W_contra]):
-    def write_slot(self, slot: int, weights: W_contra) -> None:
-        """Copy host ``weights`` into accelerator ``slot`` (overwriting all of it)."""
+    """The device side of the adapter pool: ``pool_rows`` rank rows per wrapped layer, ``bytes_per_row`` bytes each
+    (summed over the layers)."""
+
+    @property
+    def pool_rows(self) -> int: ...
+
+    @property
+    def bytes_per_row(self) -> int: ...
+
+    def rows_of(self, weights: W_contra) -> int:
+        """Pool rows an adapter takes in every layer: its largest rank over the modules it adapts."""
+
+    def write_slot(self, slot: int, weights: W_contra, offset: int) -> None:
+        """Copy host ``weights`` into ``slot``, its rows at ``offset .. offset + rows_of(weights) - 1``."""
 
     def clear_slot(self, slot: int) -> None:
-        """Zero accelerator ``slot``."""
+        """Empty ``slot`` (the ops no longer read its rows)."""
+
+    def move_slot(self, slot: int, offset: int) -> None:
+        """Move ``slot``'s rows down to start at ``offset`` (compaction; an empty slot has nothing to move)."""
 
 
 @dataclass
@@ -50,13 +70,40 @@ class CacheStats:
     """Monotonic counters, read by the metrics exporter."""
 
     hits: int = 0  # acquire found the adapter already in a slot
-    misses: int = 0  # acquire had a free or evictable slot and tried to load into it (failed loads included)
+    misses: int = 0  # acquire had a free or evictable slot and read the adapter (failed loads, and reserves then
+    # refused because pinned adapters hold the rows, included)
     cpu_hits: int = 0  # a miss served from the CPU tier (no disk read)
     loads: int = 0  # successful disk reads
     load_failures: int = 0  # failed disk reads and failed slot writes
-    evictions: int = 0  # adapters evicted from a slot to make room
+    evictions: int = 0  # adapters evicted from a slot to make room (for a slot or for rows)
+    compactions: int = 0  # the pool's free rows were gathered into one range to fit an adapter
     cpu_evictions: int = 0  # host copies dropped from the full CPU tier
     load_seconds: float = 0.0  # time in successful source.read and backend.write_slot calls
+
+
+@dataclass(frozen=True)
+class PoolUsage:
+    """What the adapter pool holds now, for metrics and benchmarks.
+
+    rows_used counts every allocated range, stale copies still in use included; resident counts the adapters a new
+    acquire would hit (as ``resident()``).
+    """
+
+    rows_used: int
+    rows_total: int
+    bytes_per_row: int
+    resident: int
+    slots_used: int
+    slots_total: int
+    largest_free_rows: int
+
+    @property
+    def bytes_used(self) -> int:
+        return self.rows_used * self.bytes_per_row
+
+    @property
+    def bytes_total(self) -> int:
+        return self.rows_total * self.bytes_per_row
 
 
 @dataclass
@@ -67,7 +114,8 @@ class _Occupant:
 
 
 class SlotCache(Generic[W]):
-    """LRU slot cache with pinning and a CPU tier; every public method is thread-safe."""
+    """LRU cache of adapters in the device pool (slots and rows), with pinning and a CPU tier; every public method
+    is thread-safe. The pool's size comes from the backend (``pool_rows``)."""
 
     def __init__(
         self,
@@ -94,11 +142,30 @@ class SlotCache(Generic[W]):
         self._occupants: OrderedDict[int, _Occupant] = OrderedDict()  # slot -> occupant, least recently used first
         self._live: dict[str, int] = {}  # name -> its current (non-stale) slot
         self._host: OrderedDict[str, W] = OrderedDict()  # name -> host copy, least recently used first
-        self._pending: dict[int, tuple[W, bool]] = {}  # slot -> (weights to write, clear the slot first)
+        self._pending: dict[int, W] = {}  # slot -> weights to write (its rows are allocated already)
+        self._rows = RowAllocator(backend.pool_rows)  # key: the slot
 
     @property
     def num_slots(self) -> int:
         return self._num_slots
+
+    def usage(self) -> PoolUsage:
+        """Rows (bytes) and slots in use and in all, and the resident adapters."""
+        with self._lock:
+            return PoolUsage(
+                rows_used=self._rows.used_rows,
+                rows_total=self._rows.total,
+                bytes_per_row=self._backend.bytes_per_row,
+                resident=len(self._live),
+                slots_used=len(self._occupants),
+                slots_total=self._num_slots,
+                largest_free_rows=self._rows.largest_gap(),
+            )
+
+    def offset(self, slot: int) -> int:
+        """The first pool row of ``slot``'s range; KeyError when the slot holds none."""
+        with self._lock:
+            return self._rows.range_of(slot).offset
 
     def acquire(self, name: str) -> int:
         """``reserve`` then ``make_resident`` at once: ``name`` is in its slot on return.
@@ -116,8 +183,10 @@ class SlotCache(Generic[W]):
     def reserve(self, name: str) -> int:
         """Pin ``name`` once in a slot and return the slot; a miss plans the device write for ``make_resident``.
 
-        Raises ``NoFreeSlotError`` (having read nothing) when every slot is pinned, and re-raises a failed read
-        (having changed nothing).
+        A miss evicts least recently used unpinned adapters until a slot and the adapter's rows are free, and
+        compacts the pool when the free rows are not one range. Raises ``NoFreeSlotError`` (having read nothing)
+        when every slot is pinned, or (having evicted nothing) when pinned adapters hold so many rows that this one
+        cannot fit; re-raises a failed read (having changed nothing).
         """
         with self._lock:
             slot = self._live.get(name)
@@ -130,15 +199,24 @@ class SlotCache(Generic[W]):
                 raise NoFreeSlotError(f"all {self._num_slots} adapter slots are pinned by running requests")
             self.stats.misses += 1
             weights = self._host_copy(name)  # may raise: nothing has been evicted yet
-            evicted = not self._free
-            if evicted:
-                slot = self._victim()
-                assert slot is not None, "an evictable slot vanished while the lock was held"
-                self._vacate(slot, clear=False)  # cleared by make_resident, just before the write
+            rows = self._backend.rows_of(weights)
+            victims = self._victims_for(rows)
+            if victims is None:
+                raise NoFreeSlotError(
+                    f"adapter {name!r} needs {rows} pool rows; running requests pin adapters holding "
+                    f"{self._rows.used_rows} of {self._rows.total}"
+                )
+            for victim in victims:
+                self._vacate(victim)
+                heapq.heappush(self._free, victim)
                 self.stats.evictions += 1
-            else:
-                slot = heapq.heappop(self._free)
-            self._pending[slot] = (weights, evicted)
+            slot = heapq.heappop(self._free)
+            offset = self._rows.allocate(slot, rows)
+            if offset is None:  # enough rows, but not in one range
+                self._compact()
+                offset = self._rows.allocate(slot, rows)
+                assert offset is not None, "compaction left no range for rows that were free"
+            self._pending[slot] = weights
             self._occupants[slot] = _Occupant(name, pins=1)
             self._live[name] = slot
             return slot
@@ -152,12 +230,10 @@ class SlotCache(Generic[W]):
         with self._lock:
             pending, self._pending = self._pending, {}
             failed: dict[int, Exception] = {}
-            for slot, (weights, clear_first) in pending.items():
-                if clear_first:
-                    self._backend.clear_slot(slot)
+            for slot, weights in pending.items():
                 start = self._clock()
                 try:
-                    self._backend.write_slot(slot, weights)
+                    self._backend.write_slot(slot, weights, self._rows.range_of(slot).offset)
                 except Exception as exc:  # noqa: BLE001 - reported to the caller, which fails the slot's requests
                     self.stats.load_failures += 1
                     failed[slot] = exc
@@ -255,14 +331,36 @@ class SlotCache(Generic[W]):
         """The least recently used unpinned slot (stale slots are always pinned, so never chosen)."""
         return next((slot for slot, occ in self._occupants.items() if occ.pins == 0), None)
 
-    def _vacate(self, slot: int, clear: bool = True) -> None:
-        """Clear ``slot`` on the device (unless the caller has it cleared later) and forget its occupant and any
-        write planned for it; the caller reuses the slot or frees it."""
+    def _victims_for(self, rows: int) -> list[int] | None:
+        """The least recently used unpinned slots to evict so that a slot and ``rows`` pool rows are free (fewest
+        in LRU order: none when both are free already); None when evicting every unpinned one would not do."""
+        free_slots, free_rows = len(self._free), self._rows.free_rows
+        victims: list[int] = []
+        for slot, occ in self._occupants.items():
+            if free_slots >= 1 and free_rows >= rows:
+                break
+            if occ.pins == 0:
+                victims.append(slot)
+                free_slots += 1
+                free_rows += self._rows.range_of(slot).rows
+        return victims if free_slots >= 1 and free_rows >= rows else None
+
+    def _compact(self) -> None:
+        """Slide every range down to one free range at the end; slots whose write is still planned have no rows on
+        the device yet (the write goes to their new offset)."""
+        for slot, offset in self._rows.compact():
+            if slot not in self._pending:
+                self._backend.move_slot(slot, offset)
+        self.stats.compactions += 1
+
+    def _vacate(self, slot: int) -> None:
+        """Clear ``slot`` on the device, give its rows back and forget its occupant and any write planned for it;
+        the caller reuses the slot or frees it."""
         occ = self._occupants[slot]
         assert occ.pins == 0, f"vacating pinned slot {slot} ({occ.name!r})"
         self._pending.pop(slot, None)
-        if clear:
-            self._backend.clear_slot(slot)
+        self._backend.clear_slot(slot)
+        self._rows.free(slot)
         del self._occupants[slot]
         if self._live.get(occ.name) == slot:
             del self._live[occ.name]

@@ -1,8 +1,10 @@
 """``LoraModel``: the frozen base model with every LoRA-targetable linear wrapped by a ``BatchedLoraLinear``.
 
-It is the slot cache's backend (``write_slot``/``clear_slot``) and the one place that turns an adapter's host copy
-into slot contents. Callers pick each token's slot with a ``TokenSlotMapping`` per forward pass; ``prepare`` turns
-it into the active op's metadata once per step and ``using`` publishes that to the wrapped layers.
+It is the slot cache's backend (``pool_rows``, ``bytes_per_row``, ``rows_of``, ``write_slot``, ``clear_slot``,
+``move_slot``) and the one place that turns an adapter's host copy into slot contents. Adapters live at their true
+rank in one pool of rank rows per wrapped layer (``BatchedLoraLinear``), sized by ``adapter_cache_bytes``. Callers
+pick each token's slot with a ``TokenSlotMapping`` per forward pass; ``prepare`` turns it into the active op's
+metadata once per step and ``using`` publishes that to the wrapped layers.
 """
 
 import os
@@ -24,7 +26,13 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 
 class LoraModel:
-    """A frozen causal LM whose target linears serve ``num_slots`` adapters at once, up to rank ``max_rank``."""
+    """A frozen causal LM whose target linears serve up to ``num_slots`` adapters at once, each up to rank
+    ``max_rank``, as many as their ranks fit in ``adapter_cache_bytes``.
+
+    adapter_cache_bytes: the pool of every wrapped layer together; ``pool_rows = adapter_cache_bytes //
+    bytes_per_row`` rank rows (a rank-r adapter takes r). None: ``num_slots * max_rank`` rows, room for
+    ``num_slots`` adapters of the largest rank. A budget that cannot hold one adapter of ``max_rank`` is refused.
+    """
 
     def __init__(
         self,
@@ -34,6 +42,7 @@ class LoraModel:
         op: str = "auto",
         targets: Sequence[str] = DEFAULT_TARGETS,
         pack_weights: bool = True,
+        adapter_cache_bytes: int | None = None,
     ) -> None:
         if num_slots < 1 or max_rank < 1:
             raise ValueError("num_slots and max_rank must be at least 1")
@@ -50,18 +59,21 @@ class LoraModel:
         linear_names = tuple(
             name for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not output_head
         )
+        wrapped = [name for name in linear_names if name.rsplit(".", 1)[-1] in targets]
+        if not wrapped:
+            raise ValueError(f"the base model has none of the target modules {', '.join(targets)}")
+        element = self.dtype.itemsize
+        linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+        # one rank row of A and B in every wrapped layer
+        self.bytes_per_row = sum((linears[n].in_features + linears[n].out_features) * element for n in wrapped)
+        self.pool_rows = self._pool_rows(num_slots, max_rank, adapter_cache_bytes)
         self.layers: dict[str, BatchedLoraLinear] = {}
-        for name in linear_names:
-            if name.rsplit(".", 1)[-1] not in targets:
-                continue
+        for name in wrapped:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
-            base = getattr(parent, child)
-            layer = BatchedLoraLinear(base, num_slots, max_rank, self.context, self.op)
+            layer = BatchedLoraLinear(getattr(parent, child), num_slots, self.pool_rows, self.context, self.op)
             setattr(parent, child, layer)
             self.layers[name] = layer
-        if not self.layers:
-            raise ValueError(f"the base model has none of the target modules {', '.join(targets)}")
         self.modules = TargetableModules(
             shapes={name: (layer.in_features, layer.out_features) for name, layer in self.layers.items()},
             module_names=module_names,
@@ -75,18 +87,45 @@ class LoraModel:
         weights = read_adapter(folder, self.modules, self.max_rank, self.dtype)
         return weights.pin_memory() if self.device.type == "cuda" else weights
 
-    def write_slot(self, slot: int, weights: AdapterWeights) -> None:
-        """Copy an adapter into ``slot`` of every wrapped layer; layers it does not adapt get an empty slot."""
+    @property
+    def pool_bytes(self) -> int:
+        """Bytes of the adapter pools of all wrapped layers (the zero row each keeps aside not counted)."""
+        return self.pool_rows * self.bytes_per_row
+
+    def _pool_rows(self, num_slots: int, max_rank: int, adapter_cache_bytes: int | None) -> int:
+        if adapter_cache_bytes is None:
+            return num_slots * max_rank
+        rows = adapter_cache_bytes // self.bytes_per_row
+        if rows < max_rank:
+            raise ValueError(
+                f"an adapter cache of {adapter_cache_bytes} bytes holds {rows} rank rows of {self.bytes_per_row} "
+                f"bytes; one adapter of the largest rank ({max_rank}) needs {max_rank * self.bytes_per_row} bytes"
+            )
+        return rows
+
+    def rows_of(self, weights: AdapterWeights) -> int:
+        """Pool rows ``weights`` takes in every layer: its largest rank (modules with a smaller rank, or none, leave
+        the rest of the range unused in their layer)."""
+        return weights.rank
+
+    def write_slot(self, slot: int, weights: AdapterWeights, offset: int | None = None) -> None:
+        """Copy an adapter into ``slot`` of every wrapped layer, its rows from ``offset`` (the slot cache's choice;
+        None: the slot's ``home_offset``, for adapters placed by hand); layers it does not adapt get an empty slot."""
         for name, layer in self.layers.items():
             lw = weights.layers.get(name)
             if lw is None:
                 layer.clear_slot(slot)
             else:
-                layer.write_slot(slot, lw.a, lw.b, lw.scale)
+                layer.write_slot(slot, lw.a, lw.b, lw.scale, offset)
 
     def clear_slot(self, slot: int) -> None:
         for layer in self.layers.values():
             layer.clear_slot(slot)
+
+    def move_slot(self, slot: int, offset: int) -> None:
+        """Move ``slot``'s rows down to start at ``offset`` in every layer (the slot cache's compaction)."""
+        for layer in self.layers.values():
+            layer.move_slot(slot, offset)
 
     @property
     def slots(self) -> range:

@@ -496,11 +496,11 @@ def test_a_failed_adapter_write_fails_its_requests_and_the_engine_goes_on(setup,
     write = engine.model.write_slot
     writes: list[int] = []
 
-    def fails_once(slot, weights):
+    def fails_once(slot, weights, offset=None):
         writes.append(slot)
         if len(writes) == 1:
             raise RuntimeError("device write failed")
-        write(slot, weights)
+        write(slot, weights, offset)
 
     monkeypatch.setattr(engine.model, "write_slot", fails_once)
     params = SamplingParams(max_new_tokens=3, ignore_eos=True)

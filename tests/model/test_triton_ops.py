@@ -21,7 +21,7 @@ from server.kernels.mapping import TokenSlotMapping
 from server.kernels.protocol import LoraWeights
 from server.kernels.select import LORA_OPS, TRITON_VALIDATED_ON_GPU, select_op
 from server.kernels.triton.ops import TRITON_AVAILABLE, TritonOp, interpreting
-from tests.helpers.lora_op_cases import apply_op
+from tests.helpers.lora_op_cases import apply_op, random_pool
 from tests.helpers.paths import REPO_ROOT
 
 INTERPRETED = interpreting()
@@ -61,37 +61,32 @@ def _slots(layout: str, num_slots: int, rng: random.Random, row_len: tuple[int, 
 
 def _case(layout: str, num_slots: int, d_in: int, d_out: int, seed: int, row_len: tuple[int, int], rows: int,
           device: str = "cpu"):  # fmt: skip
-    """Weights of mixed ranks (the last slot rank 0), inputs and the mapping's slots, float32 on ``device``."""
+    """A pool of mixed ranks (the last slot rank 0; slots out of order, NaN rows between them), inputs and the
+    mapping's slots, float32 on ``device``."""
     rng = random.Random(seed)
     g = torch.Generator(device).manual_seed(seed)
-    max_rank = max(RANKS)
     ranks = [0] + [RANKS[i % len(RANKS)] for i in range(num_slots - 1)] + [0]
-    a = torch.zeros(num_slots + 1, max_rank, d_in, device=device)
-    b = torch.zeros(num_slots + 1, max_rank, d_out, device=device)
-    scales = torch.zeros(num_slots + 1, device=device)
-    for s in range(1, num_slots + 1):
-        r = ranks[s]
-        a[s, :r] = torch.randn(r, d_in, generator=g, device=device) / d_in**0.5
-        b[s, :r] = torch.randn(r, d_out, generator=g, device=device) / max(r, 1) ** 0.5
-        scales[s] = 0.5 + 1.5 * rng.random()
+    pool = random_pool(ranks, d_in, d_out, seed, device, a_scale=d_in**-0.5, b_scale=0.1)
     slots = _slots(layout, num_slots, rng, row_len, rows)
     x = torch.randn(len(slots), d_in, generator=g, device=device)
     y0 = torch.randn(len(slots), d_out, generator=g, device=device)
-    return slots, ranks, (a, b, scales, x, y0)
+    return slots, pool, x, y0
 
 
 def _check(op: str, layout: str, dtype: torch.dtype, device: str, num_slots: int, d_in: int, d_out: int, seed: int,
            row_len: tuple[int, int], rows: int) -> None:  # fmt: skip
-    slots, ranks, tensors = _case(layout, num_slots, d_in, d_out, seed, row_len, rows, device)
-    a, b, scales, x, y0 = (t.to(dtype) for t in tensors)
+    slots, pool, x, y0 = _case(layout, num_slots, d_in, d_out, seed, row_len, rows, device)
+    ranks = pool.ranks
+    x, y0 = x.to(dtype), y0.to(dtype)
     mapping = TokenSlotMapping.build(slots, device)
     if layout == "prefill_gathered" or layout == "decode_repeats":
         assert mapping.gathered
     expected = y0.float().clone()  # .float() of a float32 tensor is the tensor itself
-    apply_op(LORA_OPS["reference"], expected, x.float(), LoraWeights.build(a.float(), b.float(), scales.float(), ranks),
-             slots)  # fmt: skip
+    low = pool.weights(dtype)  # the op's inputs; the reference gets them rounded the same way, in float32
+    exact = LoraWeights.build(low.a.float(), low.b.float(), low.scales.float(), ranks, pool.offsets)
+    apply_op(LORA_OPS["reference"], expected, x.float(), exact, slots)
     got = y0.clone()
-    apply_op(LORA_OPS[op], got, x, LoraWeights.build(a, b, scales, ranks), slots)
+    apply_op(LORA_OPS[op], got, x, low, slots)
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(got.float(), expected, atol=atol, rtol=rtol)
     untouched = [t for t, s in enumerate(slots) if s == 0 or ranks[s] == 0]  # base slot, rank 0: to the bit
@@ -116,15 +111,24 @@ def test_interp_equals_reference(op: str, layout: str, dtype: torch.dtype) -> No
 
 @interpreter_only
 def test_interp_ranks_change_between_steps() -> None:
-    """The per-layer rank copy and the step's plan are reused; a slot written between calls is seen."""
+    """The per-layer slot table copy and the step's plan are reused; a slot written or moved between calls is seen."""
     op = TritonOp("auto")
-    slots, ranks, (a, b, scales, x, y0) = _case("decode", 6, 64, 24, seed=7, row_len=(1, 1), rows=1)
-    weights = LoraWeights.build(a, b, scales, ranks)
+    slots, pool, x, y0 = _case("decode", 6, 64, 24, seed=7, row_len=(1, 1), rows=1)
+    a, b = (
+        torch.cat([pool.a[:-1], torch.zeros(40, 64), pool.a[-1:]]),
+        torch.cat([pool.b[:-1], torch.zeros(40, 24), pool.b[-1:]]),
+    )
+    weights = LoraWeights.build(a, b, pool.scales, pool.ranks, pool.offsets)  # 40 free rows before the zero row
+    free = a.shape[0] - 41
     meta = op.prepare(TokenSlotMapping.build(slots))
-    for step in range(2):
-        if step:  # load an adapter of rank 32 into slot 6 (rank 0 so far), as BatchedLoraLinear.write_slot does
-            a[6, :32], b[6, :32], scales[6] = torch.randn(32, 64) / 8, torch.randn(32, 24) / 6, 1.0
-            weights.set(6, 32, 1.0)
+    for step in range(3):
+        if step == 1:  # load an adapter of rank 32 into slot 6 (rank 0 so far), as BatchedLoraLinear.write_slot does
+            a[free : free + 32], b[free : free + 32] = torch.randn(32, 64) / 8, torch.randn(32, 24) / 6
+            weights.scales[6] = 1.0
+            weights.set(6, free, 32, 1.0)
+        if step == 2:  # move it down by 3 rows, as BatchedLoraLinear.move_slot does
+            a[free - 3 : free + 29], b[free - 3 : free + 29] = a[free : free + 32].clone(), b[free : free + 32].clone()
+            weights.set(6, free - 3, 32, 1.0)
         expected, got = y0.clone(), y0.clone()
         apply_op(LORA_OPS["reference"], expected, x, weights, slots)
         op.add(got, x, weights, meta)
@@ -142,9 +146,9 @@ def test_interp_wrapped_model_matches_reference_op() -> None:
         model = LoraModel(build_tiny_model("llama", layers=1), num_slots=3, max_rank=16, op=op)
         g = torch.Generator().manual_seed(0)
         for layer in model.layers.values():
-            for slot, r in ((1, 4), (2, 16), (3, 8)):
+            for slot, r, offset in ((1, 4, 20), (2, 16, 0), (3, 8, 24)):  # at their true rank, out of slot order
                 a = torch.randn(r, layer.in_features, generator=g)
-                layer.write_slot(slot, a, torch.randn(layer.out_features, r, generator=g) * 0.1, 0.5 * slot)
+                layer.write_slot(slot, a, torch.randn(layer.out_features, r, generator=g) * 0.1, 0.5 * slot, offset)
         ids = torch.randint(5, 300, (4, 6), generator=g)
         logits[op] = lora_logits(model, ids, row_mapping([1, 0, 3, 2], 6))
     torch.testing.assert_close(logits["triton"], logits["reference"], atol=1e-4, rtol=1e-4)
@@ -206,7 +210,7 @@ def test_select_op_on_cuda_takes_triton_once_validated_on_a_gpu() -> None:
 @needs_triton
 @pytest.mark.skipif(INTERPRETED or torch.cuda.is_available(), reason="checks the CPU error without the interpreter")
 def test_cpu_tensors_without_interpreter_are_refused() -> None:
-    slots, ranks, (a, b, scales, x, y0) = _case("decode", 3, 16, 16, seed=0, row_len=(1, 1), rows=1)
+    slots, _, _, _ = _case("decode", 3, 16, 16, seed=0, row_len=(1, 1), rows=1)
     with pytest.raises(RuntimeError, match="need CUDA tensors"):
         LORA_OPS["triton"].prepare(TokenSlotMapping.build(slots))
 

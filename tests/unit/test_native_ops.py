@@ -30,9 +30,9 @@ def test_kernel_is_usable_wherever_a_compiler_is() -> None:
 
 
 def _tables(case: OpCase) -> tuple[torch.Tensor, torch.Tensor]:
-    """The native op's rank table and this step's run table."""
+    """The native op's slot table ((offset, rank) of each slot) and this step's run table."""
     meta = NativeOp().prepare(TokenSlotMapping.build(case.slots))
-    return case.weights.rank_table, meta.run_table
+    return case.weights.slot_table, meta.run_table
 
 
 @needs_native
@@ -41,10 +41,14 @@ def _tables(case: OpCase) -> tuple[torch.Tensor, torch.Tensor]:
     ("d_in", "d_out", "max_rank", "tokens"),
     [(64, 96, 16, 40), (37, 45, 8, 23), (576, 192, 16, 33), (16, 1536, 64, 9), (200, 31, 5, 300), (8, 8, 1, 1)],
 )
-def test_native_equals_reference(d_in: int, d_out: int, max_rank: int, tokens: int, sorted_slots: bool) -> None:
-    """Widths on and off the 16-float vector, ranks on and off blocks of four, runs of 1..many rows, base tokens."""
+@pytest.mark.parametrize("mixed", [False, True], ids=["ranks0-R", "ranks4-64"])
+def test_native_equals_reference(
+    d_in: int, d_out: int, max_rank: int, tokens: int, sorted_slots: bool, mixed: bool
+) -> None:
+    """Widths on and off the 16-float vector, ranks on and off blocks of four, runs of 1..many rows, base tokens;
+    slots out of order in the pool with NaN rows between them; ``mixed``: ranks 4..64 in one step."""
     seed = d_in + d_out + tokens + sorted_slots
-    case = make_case(seed, d_in, d_out, max_rank, tokens, sorted_slots, strided_x=True)
+    case = make_case(seed, d_in, d_out, max_rank, tokens, sorted_slots, strided_x=True, mixed=mixed)
     _, run_table = _tables(case)
     assert [tuple(r) for r in run_table.tolist()] == list(TokenSlotMapping.build(case.slots).runs)
     expected = reference_result(case)
@@ -61,7 +65,7 @@ def test_native_equals_reference(d_in: int, d_out: int, max_rank: int, tokens: i
 @needs_native
 def test_native_threads_agree_with_one_thread() -> None:
     case = make_case(7, 96, 80, 16, 203, sorted_slots=True)
-    w, (ranks, runs) = case.weights, _tables(case)
+    w, (table, runs) = case.weights, _tables(case)
     x, y0 = case.x, case.y0
     results = []
     before = torch.get_num_threads()
@@ -69,7 +73,7 @@ def test_native_threads_agree_with_one_thread() -> None:
         for threads in (1, 2):
             torch.set_num_threads(threads)
             y = y0.clone()
-            lora_add_native(y, x, w.a, w.b, w.scales, ranks, runs)
+            lora_add_native(y, x, w.a, w.b, w.scales, table, runs)
             results.append(y)
     finally:
         torch.set_num_threads(before)
@@ -79,14 +83,18 @@ def test_native_threads_agree_with_one_thread() -> None:
 @needs_native
 def test_native_refuses_bad_input() -> None:
     case = make_case(3, 16, 16, 4, 8, sorted_slots=True)
-    a, b, scales, ranks = case.weights.a, case.weights.b, case.weights.scales, case.weights.rank_table
+    a, b, scales, ranks = case.weights.a, case.weights.b, case.weights.scales, case.weights.slot_table
     runs = torch.tensor([[1, 0, 8]], dtype=torch.int32)
     x, y = torch.randn(8, 16), torch.randn(8, 16)
     with pytest.raises(TypeError, match="float32"):
         lora_add_native(y.double(), x.double(), a.double(), b.double(), scales.double(), ranks, runs)
-    with pytest.raises(ValueError, match="out of range"):
-        too_high = torch.tensor([0, 9, 0, 0, 0, 0, 0], dtype=torch.int32)  # rank above the max rank
-        lora_add_native(y, x, a, b, scales, too_high, runs)
+    for offset, rank in ((a.shape[0] - 2, 3), (-1, 2), (0, 1025)):  # past the pool, before it, a huge rank
+        bad = ranks.clone()
+        bad[1] = torch.tensor([offset, rank])
+        with pytest.raises(ValueError, match="out of range"):
+            lora_add_native(y, x, a, b, scales, bad, runs)
+    with pytest.raises(ValueError, match="slot table"):
+        lora_add_native(y, x, a, b, scales, ranks[:, 1].contiguous(), runs)  # the stacked layout's rank table
     with pytest.raises(ValueError, match="out of range"):
         lora_add_native(y, x, a, b, scales, ranks, torch.tensor([[9, 0, 8]], dtype=torch.int32))  # no slot 9
     untouched = y.clone()

@@ -9,7 +9,7 @@ from server.kernels.mapping import TokenSlotMapping
 from server.kernels.native.ops import native_usable
 from server.kernels.protocol import LoraWeights
 from server.kernels.select import LORA_OPS, select_op
-from tests.helpers.lora_op_cases import apply_op, make_case, random_weights, reference_result
+from tests.helpers.lora_op_cases import MIXED_RANKS, apply_op, make_case, random_pool, random_weights, reference_result
 
 # Every op this process can run: Triton's run in tests/model/test_triton_ops.py (its interpreter needs its own process).
 CPU_OPS = ["grouped", "grouped_dense", *(["native"] if native_usable() else [])]
@@ -26,11 +26,17 @@ def grid_from_four_short_runs(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.usefixtures("grid_from_four_short_runs")
+@pytest.mark.parametrize("mixed", [False, True], ids=["ranks0-16", "ranks4-64"])
 @pytest.mark.parametrize("sorted_slots", [False, True])
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("op", CPU_OPS)
-def test_op_equals_reference(op: str, seed: int, sorted_slots: bool) -> None:
-    case = make_case(seed, sorted_slots=sorted_slots, strided_x=seed % 3 == 0)
+def test_op_equals_reference(op: str, seed: int, sorted_slots: bool, mixed: bool) -> None:
+    """Pools with slots out of order, gaps and reserved rows full of NaN (never read); ``mixed``: ranks 4..64 in one
+    step."""
+    max_rank = 64 if mixed else 16
+    case = make_case(seed, sorted_slots=sorted_slots, strided_x=seed % 3 == 0, mixed=mixed, max_rank=max_rank)
+    if mixed:
+        assert set(MIXED_RANKS) <= {case.weights.ranks[s] for s in case.slots} or len(case.slots) < 20
     expected = reference_result(case)
     got = case.y0.clone()
     apply_op(_op(op), got, case.x, case.weights, case.slots)
@@ -91,16 +97,60 @@ def test_mapping_layouts() -> None:
 
 
 def test_layer_weights_views_follow_writes() -> None:
-    """LoraWeights.set keeps the per-slot views, ranks and rank table the ops read in step with the buffers."""
-    weights = LoraWeights(torch.zeros(3, 4, 5), torch.zeros(3, 4, 6), torch.zeros(3))
-    weights.a[2, :3], weights.b[2, :3] = 1.0, 2.0
-    weights.set(2, 3, 0.5)
-    a_t, b_r, scale = weights.of[2]
+    """LoraWeights.set keeps the per-slot views, offsets, ranks and slot table the ops read in step with the pool."""
+    weights = LoraWeights(torch.zeros(9, 5), torch.zeros(9, 6), torch.zeros(3))
+    assert weights.pool_rows == 8 and weights.zero_row == 8
+    weights.a[4:7], weights.b[4:7] = 1.0, 2.0
+    version = weights.version
+    weights.set(2, 4, 3, 0.5)
+    view = weights.of[2]
+    assert view is not None
+    a_t, b_r, scale = view
     assert a_t.shape == (5, 3) and b_r.shape == (3, 6) and scale == 0.5
-    assert a_t.data_ptr() == weights.a[2].data_ptr()  # a view of the buffer, not a copy
-    assert weights.ranks == [0, 0, 3] and weights.rank_table.tolist() == [0, 0, 3]
-    weights.set(2, 0, 0.0)
-    assert weights.of[2] is None and weights.ranks == [0, 0, 0]
+    assert a_t.data_ptr() == weights.a[4].data_ptr()  # a view of the pool, not a copy
+    assert weights.ranks == [0, 0, 3] and weights.offsets == [0, 0, 4]
+    assert weights.slot_table.tolist() == [[0, 0], [0, 0], [4, 3]] and weights.version == version + 1
+    with pytest.raises(ValueError, match="outside the pool"):
+        weights.set(1, 6, 3, 1.0)  # rows 6..8: the zero row is not the slots'
+    weights.set(2, 0, 0, 0.0)
+    assert weights.of[2] is None and weights.ranks == [0, 0, 0] and weights.slot_table.tolist()[2] == [0, 0]
+
+
+def test_stacked_weights_become_a_pool() -> None:
+    """LoraWeights.build of the stacked layout ([S+1, R, in], benchmarks) copies slot s to rows s * R."""
+    a, b = torch.randn(3, 4, 5), torch.randn(3, 4, 6)
+    weights = LoraWeights.build(a, b, torch.ones(3), [0, 4, 2])
+    assert weights.a.shape == (13, 5) and weights.offsets == [0, 4, 8] and weights.ranks == [0, 4, 2]
+    assert torch.equal(weights.a[8:10], a[2, :2]) and not weights.a[12].any() and not weights.b[12].any()
+
+
+@pytest.mark.usefixtures("grid_from_four_short_runs")
+@pytest.mark.parametrize("op", CPU_OPS)
+def test_decode_step_mixing_ranks_4_to_64(op: str) -> None:
+    """One decode token per adapter, ranks 4..64 mixed (the grid pads each slot to 64 with the zero row), and two
+    layers of one model: the same offsets, other ranks (an adapter targets one module at a lower rank, skips one)."""
+    ranks = [0, *MIXED_RANKS, 8, 64, 4]
+    slots = [0, *range(1, len(ranks)), 0, 3]
+    layer_ranks = [ranks, [0, 4, 8, 0, 32, 2, 8, 64, 4]]  # slot 3 has rank 0 in the second layer
+    first = random_pool(ranks, 48, 40, seed=11)
+    for i, rs in enumerate(layer_ranks):
+        pool = random_pool(rs, 48, 40, seed=11 + i)
+        pool.offsets = first.offsets  # one placement for all layers, each layer at its own rank
+        pool.a = torch.full((first.a.shape[0], 48), float("nan"))
+        pool.b = torch.full((first.a.shape[0], 40), float("nan"))
+        pool.a[-1], pool.b[-1] = 0.0, 0.0
+        g = torch.Generator().manual_seed(i)
+        for s, r in enumerate(rs):
+            o = first.offsets[s]
+            pool.a[o : o + r], pool.b[o : o + r] = torch.randn(r, 48, generator=g), torch.randn(r, 40, generator=g)
+        weights = pool.weights()
+        x, y0 = torch.randn(len(slots), 48, generator=g), torch.randn(len(slots), 40, generator=g)
+        expected, got = y0.clone(), y0.clone()
+        apply_op(LORA_OPS["reference"], expected, x, weights, slots)
+        apply_op(_op(op), got, x, weights, slots)
+        added = float((expected - y0).abs().max())
+        torch.testing.assert_close(got, expected, atol=1e-5 * max(1.0, added), rtol=1e-5)
+        assert torch.isfinite(got).all() and added > 1.0
 
 
 def test_select_op() -> None:

@@ -1,4 +1,5 @@
-"""Builds the C LoRA kernel (``lora_runs.c``) once per machine and loads it with ctypes.
+"""Builds the C kernels (the LoRA add ``lora_runs.c``, paged decode attention ``paged_decode.c``) once per machine
+and loads them with ctypes.
 
 The kernel is compiled for the CPU it runs on (``-march=native``), so it is built on first use rather than shipped:
 a few seconds with the system C compiler, cached under ``<cache dir>/kernels/`` by a key of the source, the
@@ -10,6 +11,8 @@ Threads: built with OpenMP and linked against the ``libgomp`` that ships inside 
 own thread pool (two OpenMP runtimes in one process would each keep spinning threads). Where that library is not
 there, or the compiler lacks OpenMP or ``-march=native``, the next flag set down is tried; the last one is plain
 ``-O3``. No compiler at all raises ``NativeBuildError``, and the caller falls back to the torch op.
+
+``build``/``load_source`` compile any one-file C source this way; ``shared_library`` is the LoRA kernel.
 """
 
 import ctypes
@@ -29,12 +32,22 @@ from server.paths import default_cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "lora_runs.c"
+SOURCE = Path(__file__).parent / "lora_runs.c"  # the LoRA kernel, the default source
 BUILD_TIMEOUT_S = 120
 
 
 class NativeBuildError(RuntimeError):
     """The kernel could not be compiled here (no compiler, or every flag set failed)."""
+
+
+@dataclass(frozen=True)
+class CompiledLibrary:
+    """A loaded C source: the ctypes handle (declare each function's argtypes before calling it), and its build."""
+
+    path: Path
+    flags: tuple[str, ...]
+    threaded: bool
+    cdll: ctypes.CDLL
 
 
 @dataclass(frozen=True)
@@ -88,9 +101,11 @@ def find_compiler() -> str | None:
     return next((path for name in ("cc", "gcc", "clang") if (path := shutil.which(name))), None)
 
 
-def build(cache_dir: str | os.PathLike[str] | None = None) -> tuple[Path, tuple[str, ...], bool]:
-    """Path of the built library (building it unless cached), the flags it was built with, and whether it is
-    threaded. Raises ``NativeBuildError`` when no flag set compiles."""
+def build(
+    cache_dir: str | os.PathLike[str] | None = None, source_path: Path = SOURCE
+) -> tuple[Path, tuple[str, ...], bool]:
+    """Path of the library built from ``source_path`` (building it unless cached), the flags it was built with, and
+    whether it is threaded. Raises ``NativeBuildError`` when no flag set compiles."""
     compiler = find_compiler()
     if compiler is None:
         raise NativeBuildError("no C compiler found (set CC, or install gcc or clang)")
@@ -102,19 +117,20 @@ def build(cache_dir: str | os.PathLike[str] | None = None) -> tuple[Path, tuple[
         raise NativeBuildError(f"{compiler} --version failed: {exc}") from exc
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "kernels"
     folder.mkdir(parents=True, exist_ok=True)
-    source = SOURCE.read_bytes()
+    source = source_path.read_bytes()
+    stem = source_path.stem
     errors: list[str] = []
     for flags, threaded in flag_sets():
         identity = "\0".join((compiler, *version, " ".join(flags), _cpu_signature())).encode()
         key = hashlib.sha256(source + b"\0" + identity).hexdigest()[:16]
-        target = folder / f"lora_runs-{key}.so"
+        target = folder / f"{stem}-{key}.so"
         if target.is_file():
             return target, flags, threaded
-        fd, partial = tempfile.mkstemp(prefix=".lora_runs-", suffix=".so", dir=folder)
+        fd, partial = tempfile.mkstemp(prefix=f".{stem}-", suffix=".so", dir=folder)
         os.close(fd)
         try:
             result = subprocess.run(
-                [compiler, *flags, "-o", partial, str(SOURCE)],
+                [compiler, *flags, "-o", partial, str(source_path)],
                 capture_output=True,
                 text=True,
                 timeout=BUILD_TIMEOUT_S,
@@ -122,24 +138,30 @@ def build(cache_dir: str | os.PathLike[str] | None = None) -> tuple[Path, tuple[
             )
             if result.returncode == 0:
                 os.replace(partial, target)
-                log.info("built the native LoRA kernel %s (%s)", target.name, " ".join(flags))
+                log.info("built the native kernel %s (%s)", target.name, " ".join(flags))
                 return target, flags, threaded
             errors.append(f"{' '.join(flags)}: {result.stderr.strip()[-500:]}")
         except (OSError, subprocess.SubprocessError) as exc:
             errors.append(f"{' '.join(flags)}: {exc}")
         finally:
             Path(partial).unlink(missing_ok=True)
-    raise NativeBuildError("could not compile the native LoRA kernel:\n" + "\n".join(errors))
+    raise NativeBuildError(f"could not compile {source_path.name}:\n" + "\n".join(errors))
+
+
+def load_source(source_path: Path, cache_dir: str | os.PathLike[str] | None = None) -> CompiledLibrary:
+    """Build (or find) and load the library of one C source; raises ``NativeBuildError`` when it cannot."""
+    path, flags, threaded = build(cache_dir, source_path)
+    try:
+        return CompiledLibrary(path, flags, threaded, ctypes.CDLL(str(path)))
+    except OSError as exc:
+        raise NativeBuildError(f"could not load {path}: {exc}") from exc
 
 
 def load(cache_dir: str | os.PathLike[str] | None = None) -> NativeLibrary:
-    """Build (or find) and load the kernel, with the C signature declared so ctypes converts the arguments."""
-    path, flags, threaded = build(cache_dir)
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as exc:
-        raise NativeBuildError(f"could not load {path}: {exc}") from exc
-    fn = lib.lora_add_runs_f32
+    """Build (or find) and load the LoRA kernel, with the C signature declared so ctypes converts the arguments."""
+    compiled = load_source(SOURCE, cache_dir)
+    path, flags, threaded = compiled.path, compiled.flags, compiled.threaded
+    fn = compiled.cdll.lora_add_runs_f32
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     # y, ldy, x, ldx, n_tokens, in, out, a, b, n_entries, max_rank, ranks, scales, runs, n_runs, num_threads
     fn.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, ptr, ptr, ptr, i64, ctypes.c_int]

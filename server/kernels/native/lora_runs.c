@@ -1,11 +1,12 @@
 /* The batched LoRA add for float32 on the CPU, every run of one wrapped linear in one call.
  *
- *   for each run (slot, start, end), for t in [start, end):
- *       y[t, :] += scales[slot] * (x[t, :] @ a[slot, :ranks[slot], :].T) @ b[slot, :ranks[slot], :]
+ *   for each run (slot, start, end), for t in [start, end), with (o, r) = table[slot]:
+ *       y[t, :] += scales[slot] * (x[t, :] @ a[o : o + r, :].T) @ b[o : o + r, :]
  *
  *   y: [T, out] row stride ldy     x: [T, in] row stride ldx       (T = n_tokens)
- *   a: [S+1, R, in] contiguous     b: [S+1, R, out] contiguous     (S+1 = n_entries, R = max_rank)
- *   ranks: [S+1] int32             scales: [S+1] float32           runs: [n_runs, 3] int32 (slot, start, end)
+ *   a: [N, in] contiguous          b: [N, out] contiguous          (the adapter pool: N = n_rows rank rows)
+ *   table: [S+1, 2] int32 (offset, rank) of each slot's rows in the pool (S+1 = n_entries)
+ *   scales: [S+1] float32          runs: [n_runs, 3] int32 (slot, start, end)
  *
  * Why it exists: on CPU the per-run torch matmuls are tiny GEMMs ([rows, in] x [in, 16], [rows, 16] x [16, out])
  * whose cost is dispatch, not arithmetic; one call per linear does all runs without leaving C. Rows are taken in
@@ -118,11 +119,12 @@ static inline __attribute__((always_inline)) void block(
 /* One block of up to four rows of one run (arguments already checked). */
 static void run_block(
     float *y, int64_t ldy, const float *x, int64_t ldx, int64_t in, int64_t out, const float *a, const float *b,
-    int64_t max_rank, const int32_t *ranks, const float *scales, int slot, int t, int rows, float *xa) {
-    int rank = ranks[slot];
+    const int32_t *table, const float *scales, int slot, int t, int rows, float *xa) {
+    int rank = table[2 * slot + 1];
     if (rank == 0) return;
     float scale = scales[slot];
-    const float *as = a + (int64_t)slot * max_rank * in, *bs = b + (int64_t)slot * max_rank * out;
+    int64_t offset = table[2 * slot];
+    const float *as = a + offset * in, *bs = b + offset * out;
     y += t * ldy;
     x += t * ldx;
     switch (rows) {
@@ -135,23 +137,28 @@ static void run_block(
 }
 
 /* Returns 0, or -1 (and writes nothing) when an argument is out of range: a slot past ``n_entries``, a run past
- * ``n_tokens``, a rank above ``max_rank``.
+ * ``n_tokens``, a used slot's rows outside the pool's ``n_rows`` or a rank above 1024.
  * Blocks of four rows are independent (each writes its own rows of y), so with OpenMP they are shared out among
- * ``num_threads`` threads; built with torch's bundled libgomp, that is torch's own thread pool. */
+ * ``num_threads`` threads; built with torch's bundled libgomp, that is torch's own thread pool.
+ * The argument types are declared in build.py (ctypes): the pool's n_rows and the slot table take the places of the
+ * stacked layout's max_rank and rank table, with the same types. */
 int lora_add_runs_f32(
     float *y, int64_t ldy, const float *x, int64_t ldx, int64_t n_tokens, int64_t in, int64_t out,
-    const float *a, const float *b, int64_t n_entries, int64_t max_rank, const int32_t *ranks, const float *scales,
+    const float *a, const float *b, int64_t n_entries, int64_t n_rows, const int32_t *table, const float *scales,
     const int32_t *runs, int64_t n_runs, int num_threads) {
     if (in < 1 || out < 1 || ldx < in || ldy < out || n_tokens < 0 || n_entries < 1) return -1;
-    if (max_rank < 1 || max_rank > 1024 || n_runs < 0 || n_runs > (1 << 20)) return -1;
+    if (n_rows < 1 || n_runs < 0 || n_runs > (1 << 20)) return -1;
     int64_t n_blocks = 0;
+    int max_rank = 0; /* of the slots these runs use: the size of each thread's block buffer */
     for (int64_t i = 0; i < n_runs; i++) { /* everything the blocks index is checked before any is run */
         int64_t slot = runs[3 * i], start = runs[3 * i + 1], end = runs[3 * i + 2];
         if (slot < 0 || slot >= n_entries || start < 0 || end < start || end > n_tokens) return -1;
-        if (ranks[slot] < 0 || ranks[slot] > max_rank) return -1;
+        int64_t offset = table[2 * slot], rank = table[2 * slot + 1];
+        if (rank < 0 || rank > 1024 || (rank > 0 && (offset < 0 || offset + rank > n_rows))) return -1;
+        if (rank > max_rank) max_rank = (int)rank;
         n_blocks += (end - start + 3) / 4;
     }
-    if (n_blocks == 0) return 0;
+    if (n_blocks == 0 || max_rank == 0) return 0;
     int32_t *blocks = malloc(sizeof(int32_t) * 2 * n_blocks); /* (run, first row) of each block */
     if (blocks == NULL) return -1;
     for (int64_t i = 0, k = 0; i < n_runs; i++)
@@ -167,7 +174,7 @@ int lora_add_runs_f32(
         for (int64_t k = 0; k < n_blocks; k++) {
             const int32_t *run = runs + 3 * blocks[2 * k];
             int t = blocks[2 * k + 1], rows = run[2] - t < 4 ? run[2] - t : 4;
-            run_block(y, ldy, x, ldx, in, out, a, b, max_rank, ranks, scales, run[0], t, rows, xa);
+            run_block(y, ldy, x, ldx, in, out, a, b, table, scales, run[0], t, rows, xa);
         }
     }
     free(blocks);

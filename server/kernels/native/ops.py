@@ -31,11 +31,11 @@ class NativeOp:
         return NativeMeta(torch.tensor(mapping.runs, dtype=torch.int32).reshape(-1, 3))
 
     def add(self, y: torch.Tensor, x: torch.Tensor, weights: LoraWeights, meta: NativeMeta) -> None:
-        """y[t] += scales[s] * (x[t] @ a[s, :r].T) @ b[s, :r] for every run of ``meta.run_table``, in place.
+        """y[t] += scales[s] * (x[t] @ a[o:o+r].T) @ b[o:o+r] for every run of ``meta.run_table``, in place.
 
-        y: [T, out]  x: [T, in], float32 on the CPU; ranks from ``weights.rank_table``.
+        y: [T, out]  x: [T, in], float32 on the CPU; (o, r) of each slot from ``weights.slot_table``.
         """
-        lora_add_native(y, x, weights.a, weights.b, weights.scales, weights.rank_table, meta.run_table)
+        lora_add_native(y, x, weights.a, weights.b, weights.scales, weights.slot_table, meta.run_table)
 
 
 def lora_add_native(
@@ -44,13 +44,13 @@ def lora_add_native(
     a: torch.Tensor,
     b: torch.Tensor,
     scales: torch.Tensor,
-    rank_table: torch.Tensor,
+    slot_table: torch.Tensor,
     run_table: torch.Tensor,
 ) -> None:
-    """y[t] += scales[s] * (x[t] @ a[s, :r].T) @ b[s, :r] for every t in start..end-1 of each run, in place.
+    """y[t] += scales[s] * (x[t] @ a[o:o+r].T) @ b[o:o+r] for every t in start..end-1 of each run, in place.
 
-    y: [T, out]  x: [T, in]  a: [S+1, R, in]  b: [S+1, R, out]  scales: [S+1], all float32 on the CPU
-    rank_table: [S+1] int32 (r = rank_table[s])  run_table: [n, 3] int32 (slot, start, end), both on the host.
+    y: [T, out]  x: [T, in]  a: [N, in]  b: [N, out] (the pool)  scales: [S+1], all float32 on the CPU
+    slot_table: [S+1, 2] int32 (o, r = slot_table[s])  run_table: [n, 3] int32 (slot, start, end), both on the host.
     Rows of y and x may be strided; columns not.
     """
     if run_table.shape[0] == 0:
@@ -67,15 +67,17 @@ def lora_add_native(
     if y.shape[0] != x.shape[0]:
         raise ValueError(f"y has {y.shape[0]} rows and x {x.shape[0]}")
     a, b, scales = a.contiguous(), b.contiguous(), scales.contiguous()  # no-ops for the layer's buffers
-    if not a.shape[0] == b.shape[0] == scales.shape[0] == rank_table.shape[0]:
-        raise ValueError("a, b, scales and ranks must have one entry per slot")
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0] or (a.shape[1], b.shape[1]) != (x.shape[1], y.shape[1]):
+        raise ValueError(f"pools a {tuple(a.shape)} and b {tuple(b.shape)} do not fit x and y")
+    if scales.shape[0] != slot_table.shape[0] or slot_table.shape[1:] != (2,) or slot_table.dtype != torch.int32:
+        raise ValueError("scales and the [S+1, 2] int32 slot table must have one entry per slot")
     status = lib.lora_add_runs_f32(
         y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], y.shape[1],
-        a.data_ptr(), b.data_ptr(), a.shape[0], a.shape[1], rank_table.data_ptr(), scales.data_ptr(),
+        a.data_ptr(), b.data_ptr(), slot_table.shape[0], a.shape[0], slot_table.data_ptr(), scales.data_ptr(),
         run_table.data_ptr(), run_table.shape[0], torch.get_num_threads(),
     )  # fmt: skip
     if status != 0:
-        raise ValueError("native LoRA op: a slot, run, rank or shape is out of range (nothing was added)")
+        raise ValueError("native LoRA op: a slot, run, rank, pool row or shape is out of range (nothing was added)")
 
 
 @functools.cache
@@ -87,15 +89,17 @@ def native_usable() -> bool:
 
     g = torch.Generator().manual_seed(0)
     ranks = [0, 8, 3, 5, 0]  # rank 0 = an empty slot; ranks 3 and 5 leave rank blocks of 4 partly filled
-    num, max_rank, d_in, d_out = len(ranks), 8, 37, 45  # neither width a multiple of the vector length
-    a, b = torch.zeros(num, max_rank, d_in), torch.zeros(num, max_rank, d_out)
-    for slot, r in enumerate(ranks):
-        a[slot, :r] = torch.randn(r, d_in, generator=g)
-        b[slot, :r] = torch.randn(r, d_out, generator=g)
+    offsets = [0, 9, 1, 4, 0]  # out of slot order, rows 0 and 17.. left free
+    pool_rows, d_in, d_out = 20, 37, 45  # neither width a multiple of the vector length
+    a, b = torch.zeros(pool_rows + 1, d_in), torch.zeros(pool_rows + 1, d_out)
+    for offset, r in zip(offsets, ranks, strict=True):
+        a[offset : offset + r] = torch.randn(r, d_in, generator=g)
+        b[offset : offset + r] = torch.randn(r, d_out, generator=g)
+    a[17:20], b[17:20] = float("nan"), float("nan")  # rows no slot holds are never read
     scales = torch.tensor([0.0, 2.0, 0.5, 1.0, 0.0])
     slots = [1] * 9 + [0] * 2 + [2] + [3] * 6 + [4] * 2 + [1] * 3  # runs of 9, 1, 6 and 3 rows, base tokens
     mapping = TokenSlotMapping.build(slots)
-    weights = LoraWeights.build(a, b, scales, ranks)
+    weights = LoraWeights.build(a, b, scales, ranks, offsets)
     x = torch.randn(len(slots), d_in + 3, generator=g)[:, :d_in]  # strided rows
     y0 = torch.randn(len(slots), d_out, generator=g)
     expected, got = y0.clone(), y0.clone()

@@ -9,8 +9,9 @@
   from ``token_slots``, computes its ``x @ A.T`` row and adds that row times its slice of ``B``. Decode is bound by
   launches and by reading each adapter's weights once, so one launch and no partials in memory is what it wants.
 
-Rows of A and B past a slot's rank are masked off by ``ranks[slot]`` (never read), and tokens of the base slot or
-of a slot with rank 0 for this layer are never written. ``UPCAST_DOT`` makes ``tl.dot`` take float32 operands:
+A and B are the adapter pools ([N+1, in], [N+1, out]); slot ``s`` holds rows ``o .. o + r - 1`` with ``(o, r) =
+table[s]`` ([S+1, 2] int32). Rank lanes past ``r`` are masked off (their rows never read), and tokens of the base
+slot or of a slot with rank 0 for this layer are never written. ``UPCAST_DOT`` makes ``tl.dot`` take float32 operands:
 Triton's interpreter (CPU, tests) computes 16-bit ``tl.dot`` wrongly (bfloat16 garbage in triton 3.9), while the
 GPU path keeps 16-bit tensor-core inputs.
 """
@@ -20,14 +21,15 @@ import triton.language as tl
 
 
 @triton.jit
-def _sgmv_block(blocks_ptr, order_ptr, rank_ptr, blk, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+def _sgmv_block(blocks_ptr, order_ptr, table_ptr, blk, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
                 GATHERED: tl.constexpr):  # fmt: skip
-    """Block ``blk`` of the SGMV block table: its slot, the slot's rank, its token indices and row mask, and the
-    rank lanes with their mask (rows of A/B past the rank are never read)."""
+    """Block ``blk`` of the SGMV block table: its slot, the slot's rank, its token indices and row mask, the rank
+    lanes, their pool rows and their mask (rows past the rank are never read)."""
     slot = tl.load(blocks_ptr + 3 * blk).to(tl.int64)
     start = tl.load(blocks_ptr + 3 * blk + 1)
     end = tl.load(blocks_ptr + 3 * blk + 2)
-    rank = tl.load(rank_ptr + slot)
+    offset = tl.load(table_ptr + 2 * slot).to(tl.int64)
+    rank = tl.load(table_ptr + 2 * slot + 1)
     pos = start + tl.arange(0, BLOCK_M)
     row_ok = pos < end
     if GATHERED:
@@ -35,21 +37,23 @@ def _sgmv_block(blocks_ptr, order_ptr, rank_ptr, blk, BLOCK_M: tl.constexpr, BLO
     else:
         tok = pos.to(tl.int64)
     r = tl.arange(0, BLOCK_R)
-    return slot, rank, tok, row_ok, r, r < rank
+    return slot, rank, tok, row_ok, r, offset + r, r < rank
 
 
 @triton.jit
 def sgmv_shrink_kernel(
-    x_ptr, a_ptr, part_ptr, blocks_ptr, order_ptr, rank_ptr,
+    x_ptr, a_ptr, part_ptr, blocks_ptr, order_ptr, table_ptr,
     K, SPLIT_K,
-    stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_ps, stride_pt,
+    stride_xt, stride_xk, stride_ar, stride_ak, stride_ps, stride_pt,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     GATHERED: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):  # fmt: skip
-    """part[pid_k, tok(p), :] = x[tok(p), k-chunks of pid_k] @ A[slot, :, same].T for the block's positions p."""
+    """part[pid_k, tok(p), :] = x[tok(p), k-chunks of pid_k] @ A[o:o+r, same].T for the block's positions p."""
     blk = tl.program_id(0)
     pid_k = tl.program_id(1)
-    slot, rank, tok, row_ok, r, r_ok = _sgmv_block(blocks_ptr, order_ptr, rank_ptr, blk, BLOCK_M, BLOCK_R, GATHERED)
+    slot, rank, tok, row_ok, r, rows, r_ok = _sgmv_block(
+        blocks_ptr, order_ptr, table_ptr, blk, BLOCK_M, BLOCK_R, GATHERED
+    )
     if rank == 0:
         return
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -60,7 +64,7 @@ def sgmv_shrink_kernel(
             x_ptr + tok[:, None] * stride_xt + k[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0
         )  # [BLOCK_M, BLOCK_K]
         at = tl.load(
-            a_ptr + slot * stride_as + r[:, None] * stride_ar + k[None, :] * stride_ak,
+            a_ptr + rows[:, None] * stride_ar + k[None, :] * stride_ak,
             mask=r_ok[:, None] & k_ok[None, :],
             other=0.0,
         )  # [BLOCK_R, BLOCK_K]
@@ -73,16 +77,18 @@ def sgmv_shrink_kernel(
 
 @triton.jit
 def sgmv_expand_kernel(
-    part_ptr, b_ptr, scale_ptr, y_ptr, blocks_ptr, order_ptr, rank_ptr,
+    part_ptr, b_ptr, scale_ptr, y_ptr, blocks_ptr, order_ptr, table_ptr,
     N, SPLIT_K,
-    stride_ps, stride_pt, stride_bs, stride_br, stride_bn, stride_yt, stride_yn,
+    stride_ps, stride_pt, stride_br, stride_bn, stride_yt, stride_yn,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     GATHERED: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):  # fmt: skip
-    """y[tok(p), n-block] += (scale[slot] * sum_k part[k, tok(p)]) @ B[slot, :, n-block] for the block's positions."""
+    """y[tok(p), n-block] += (scale[slot] * sum_k part[k, tok(p)]) @ B[o:o+r, n-block] for the block's positions."""
     blk = tl.program_id(0)
     pid_n = tl.program_id(1)
-    slot, rank, tok, row_ok, r, r_ok = _sgmv_block(blocks_ptr, order_ptr, rank_ptr, blk, BLOCK_M, BLOCK_R, GATHERED)
+    slot, rank, tok, row_ok, r, rows, r_ok = _sgmv_block(
+        blocks_ptr, order_ptr, table_ptr, blk, BLOCK_M, BLOCK_R, GATHERED
+    )
     if rank == 0:
         return
     xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -96,7 +102,7 @@ def sgmv_expand_kernel(
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     bt = tl.load(
-        b_ptr + slot * stride_bs + r[:, None] * stride_br + n[None, :] * stride_bn,
+        b_ptr + rows[:, None] * stride_br + n[None, :] * stride_bn,
         mask=r_ok[:, None] & n_ok[None, :],
         other=0.0,
     )  # [BLOCK_R, BLOCK_N]
@@ -112,31 +118,33 @@ def sgmv_expand_kernel(
 
 @triton.jit
 def bgmv_kernel(
-    x_ptr, a_ptr, b_ptr, scale_ptr, y_ptr, slots_ptr, rank_ptr,
+    x_ptr, a_ptr, b_ptr, scale_ptr, y_ptr, slots_ptr, table_ptr,
     K, N, N_PER_PROGRAM,
-    stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_bs, stride_br, stride_bn, stride_yt, stride_yn,
+    stride_xt, stride_xk, stride_ar, stride_ak, stride_br, stride_bn, stride_yt, stride_yn,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BASE: tl.constexpr,
 ):  # fmt: skip
-    """y[t, cols] += (scale[s] * x[t] @ A[s].T) @ B[s, :, cols] with s = slots[t]; program (t, j) owns the columns
-    j * N_PER_PROGRAM .. + N_PER_PROGRAM and computes the token's [R] row of x @ A.T itself (one launch per layer).
+    """y[t, cols] += (scale[s] * x[t] @ A[o:o+r].T) @ B[o:o+r, cols] with s = slots[t], (o, r) = table[s]; program
+    (t, j) owns the columns j * N_PER_PROGRAM .. + N_PER_PROGRAM and computes the token's [R] row of x @ A.T itself
+    (one launch per layer).
     """
     t = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     slot = tl.load(slots_ptr + t).to(tl.int64)
     if slot == BASE:
         return
-    rank = tl.load(rank_ptr + slot)
+    rank = tl.load(table_ptr + 2 * slot + 1)
     if rank == 0:
         return
     r = tl.arange(0, BLOCK_R)
     r_ok = r < rank
+    rows = tl.load(table_ptr + 2 * slot).to(tl.int64) + r
     acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
         xv = tl.load(x_ptr + t * stride_xt + k * stride_xk, mask=k_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
         at = tl.load(
-            a_ptr + slot * stride_as + r[:, None] * stride_ar + k[None, :] * stride_ak,
+            a_ptr + rows[:, None] * stride_ar + k[None, :] * stride_ak,
             mask=r_ok[:, None] & k_ok[None, :],
             other=0.0,
         ).to(tl.float32)  # [BLOCK_R, BLOCK_K]
@@ -147,7 +155,7 @@ def bgmv_kernel(
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < N
         bt = tl.load(
-            b_ptr + slot * stride_bs + r[:, None] * stride_br + n[None, :] * stride_bn,
+            b_ptr + rows[:, None] * stride_br + n[None, :] * stride_bn,
             mask=r_ok[:, None] & n_ok[None, :],
             other=0.0,
         ).to(tl.float32)  # [BLOCK_R, BLOCK_N]

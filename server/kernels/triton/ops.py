@@ -15,7 +15,8 @@ force one (tests, benchmarks). The kernels are in ``server.kernels.triton.kernel
 No host sync and little host work, since a decode step makes one call per wrapped layer: the plan (block table,
 grids) is this op's per-step metadata, built by ``prepare`` from the mapping's host-side ints and shared by every
 layer of the step, block
-tables and ranks reach the device from pinned memory, a layer's ranks are copied again only when they change,
+tables and slot tables reach the device from pinned memory, a layer's slot table (each slot's pool offset and rank)
+is copied again only when it changes (``LoraWeights.version``),
 and SGMV's partials live in one reused workspace. Triton is imported on first use, so this module imports without
 it (``TRITON_AVAILABLE``). CPU tensors run only under Triton's interpreter (``TRITON_INTERPRET=1`` set before
 triton is first imported; the tests do that in a subprocess).
@@ -23,7 +24,7 @@ triton is first imported; the tests do that in a subprocess).
 
 import importlib.util
 import os
-from collections.abc import Sequence
+import weakref
 from dataclasses import dataclass, field
 from functools import cache
 from types import ModuleType
@@ -119,49 +120,52 @@ class TritonOp:
         if mode not in ("auto", "sgmv", "bgmv"):
             raise ValueError(f"unknown Triton LoRA mode {mode!r}")
         self.mode = mode
-        self._ranks: dict[tuple[int, int], tuple[tuple[int, ...], torch.Tensor]] = {}
-        self._rank_memo: tuple[TritonMeta | None, tuple[int, ...], int] = (None, (), 0)  # consecutive layers alike
+        # id(weights) -> (the weights, their version, their slot table on the device)
+        self._tables: dict[int, tuple[weakref.ref[LoraWeights], int, torch.Tensor]] = {}
         self._workspace = torch.empty(0)
 
     def add(self, y: torch.Tensor, x: torch.Tensor, weights: LoraWeights, meta: TritonMeta) -> None:
-        """y[t] += scales[s_t] * (x[t] @ a[s_t, :r].T) @ b[s_t, :r] for every token t not on BASE_SLOT, in place.
+        """y[t] += scales[s_t] * (x[t] @ a[o:o+r].T) @ b[o:o+r] for every token t not on BASE_SLOT, in place.
 
-        y: [T, out] float16/bfloat16/float32    x: [T, in] same dtype    a: [S+1, R, in]    b: [S+1, R, out]
-        scales: [S+1]    ranks: host list, r = ranks[s] <= R (rows past it are never read)    meta: from ``prepare``
+        y: [T, out] float16/bfloat16/float32    x: [T, in] same dtype    a: [N+1, in]    b: [N+1, out] (pools)
+        scales: [S+1]    (o, r) = weights' slot table row of s_t (pool rows outside it are never read)
+        meta: from ``prepare``
         """
         plan = meta
         if not plan.slots:
             return
         a, b, scales = weights.a, weights.b, weights.scales
-        rank_t, rank_max = self._ranks_of(weights.ranks, a, plan)
+        ranks = weights.ranks
+        rank_max = max(map(ranks.__getitem__, plan.slots))
         if rank_max == 0:  # no adapter in this step touches this layer
             return
+        table = self._table_of(weights)
         tokens, d_in = x.shape
         d_out = y.shape[1]
         key = (d_in, d_out, rank_max, x.dtype)
         go = plan.launches.get(key) or self._new_launch(plan, key, tokens)
         k = kernels()
-        ws, (sxt, sxk), (sas, sar, sak), (sbs, sbr, sbn), (syt, syn) = (
+        ws, (sxt, sxk), (sar, sak), (sbr, sbn), (syt, syn) = (
             self._workspace, x.stride(), a.stride(), b.stride(), y.stride()
         )  # fmt: skip
         if plan.decode:
             k.bgmv_kernel[go.expand_grid](
-                x, a, b, scales, y, plan.token_slots, rank_t, d_in, d_out, go.n_per_program,
-                sxt, sxk, sas, sar, sak, sbs, sbr, sbn, syt, syn,
+                x, a, b, scales, y, plan.token_slots, table, d_in, d_out, go.n_per_program,
+                sxt, sxk, sar, sak, sbr, sbn, syt, syn,
                 BLOCK_R=go.block_r, BLOCK_K=go.block_k, BLOCK_N=go.block_n, BASE=BASE_SLOT,
             )  # fmt: skip
             return
         sps = tokens * go.block_r
         upcast = interpreting()
         k.sgmv_shrink_kernel[go.shrink_grid](
-            x, a, ws, plan.blocks, plan.order, rank_t, d_in, go.split_k,
-            sxt, sxk, sas, sar, sak, sps, go.block_r,
+            x, a, ws, plan.blocks, plan.order, table, d_in, go.split_k,
+            sxt, sxk, sar, sak, sps, go.block_r,
             BLOCK_M=plan.block_m, BLOCK_R=go.block_r, BLOCK_K=go.block_k, GATHERED=plan.gathered,
             PRECISION=go.precision, UPCAST_DOT=upcast,
         )  # fmt: skip
         k.sgmv_expand_kernel[go.expand_grid](
-            ws, b, scales, y, plan.blocks, plan.order, rank_t, d_out, go.split_k,
-            sps, go.block_r, sbs, sbr, sbn, syt, syn,
+            ws, b, scales, y, plan.blocks, plan.order, table, d_out, go.split_k,
+            sps, go.block_r, sbr, sbn, syt, syn,
             BLOCK_M=plan.block_m, BLOCK_R=go.block_r, BLOCK_N=go.block_n, GATHERED=plan.gathered,
             PRECISION=go.precision, UPCAST_DOT=upcast,
         )  # fmt: skip
@@ -223,21 +227,16 @@ class TritonOp:
         plan.launches[key] = launch
         return launch
 
-    def _ranks_of(self, ranks: Sequence[int], a: torch.Tensor, plan: TritonMeta) -> tuple[torch.Tensor, int]:
-        """The layer's ranks as [S+1] int32 on the device (copied again only when they change), and the largest
-        rank among the step's slots (computed once for a run of layers with equal ranks)."""
-        snapshot = tuple(ranks)
-        key = (id(ranks), a.data_ptr())  # a layer's ranks list and its A buffer; the snapshot catches id reuse
-        cached = self._ranks.get(key)
-        if cached is None or cached[0] != snapshot:
-            if len(self._ranks) > 4096:  # layers come and go in tests
-                self._ranks.clear()
-            cached = self._ranks[key] = (snapshot, _upload(list(snapshot), a.device))
-        memo_plan, memo_snapshot, rank_max = self._rank_memo
-        if memo_plan is not plan or memo_snapshot != snapshot:
-            rank_max = max(map(snapshot.__getitem__, plan.slots))
-            self._rank_memo = (plan, snapshot, rank_max)
-        return cached[1], rank_max
+    def _table_of(self, weights: LoraWeights) -> torch.Tensor:
+        """The layer's slot table ([S+1, 2] int32 (offset, rank)) on the device, copied again only when a slot of
+        the layer was written, moved or cleared since (``weights.version``)."""
+        cached = self._tables.get(id(weights))
+        if cached is None or cached[0]() is not weights or cached[1] != weights.version:
+            if len(self._tables) > 4096:  # layers come and go in tests
+                self._tables.clear()
+            table = _upload(weights.slot_table.flatten().tolist(), weights.a.device)
+            cached = self._tables[id(weights)] = (weakref.ref(weights), weights.version, table)
+        return cached[2]
 
 
 def _segments(mapping: TokenSlotMapping) -> tuple[list[Run], bool, torch.Tensor]:
