@@ -35,13 +35,13 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     gpu_slots: int = Field(
-        16, ge=1, le=4096, description="adapters resident on the accelerator at once, at most (see adapter_cache_bytes)"
+        128, ge=1, le=4096, description="adapters resident on the accelerator at once, at most (adapter_cache_bytes)"
     )
     adapter_cache_bytes: int | None = Field(
         None,
         ge=1,
         description="bytes of adapter weights resident on the accelerator, each adapter at its own rank; "
-        "default: gpu_slots adapters at max_rank",
+        "default: room for 16 adapters of max_rank",
     )
     cpu_slots: int = Field(64, ge=0, le=100_000, description="host copies of adapters kept behind the slots")
     max_rank: int = Field(64, ge=1, le=1024, description="largest LoRA rank accepted")

@@ -17,6 +17,10 @@ from server.model.lora_model import LoraModel
 
 log = logging.getLogger(__name__)
 
+# Without --adapter-cache-bytes the adapter pool holds this many adapters of the largest rank (the memory 16 slots at
+# --max-rank took before adapters were stored at their own rank); smaller adapters fit proportionally more.
+DEFAULT_POOL_MAX_RANK_ADAPTERS = 16
+
 
 class Service:
     """Everything the HTTP layer talks to. Construction loads the model (seconds); ``start`` runs the engine."""
@@ -37,8 +41,11 @@ class Service:
             op=settings.lora_op,
             pack_weights=settings.packed_weights,
             adapter_cache_bytes=settings.adapter_cache_bytes,
+            default_pool_rows=DEFAULT_POOL_MAX_RANK_ADAPTERS * settings.max_rank,
         )
-        log.info("LoRA op: %s", self.lora_model.op_name)
+        log.info("LoRA op: %s; adapter pool %.0f MiB (%d rank rows), up to %d adapters",
+                 self.lora_model.op_name, self.lora_model.pool_bytes / 2**20, self.lora_model.pool_rows,
+                 settings.gpu_slots)  # fmt: skip
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
         self.engine = Engine(
             self.lora_model,

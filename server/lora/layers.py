@@ -33,8 +33,14 @@ class BatchedLoraLinear(nn.Module):
         self.op = op
         dtype, device = base.weight.dtype, base.weight.device
         rows = pool_rows + 1  # + the zero row
-        self.register_buffer("lora_a", torch.zeros(rows, base.in_features, dtype=dtype, device=device))
-        self.register_buffer("lora_b", torch.zeros(rows, base.out_features, dtype=dtype, device=device))
+        # On the CPU the pool is left unwritten (torch.empty): zeros would make every page resident at startup, while
+        # untouched pages cost no memory until an adapter is written there. No op reads a row outside a resident
+        # slot's range except the zero row (the tests fill free rows with NaN to pin that).
+        alloc = torch.empty if device.type == "cpu" else torch.zeros
+        self.register_buffer("lora_a", alloc(rows, base.in_features, dtype=dtype, device=device))
+        self.register_buffer("lora_b", alloc(rows, base.out_features, dtype=dtype, device=device))
+        self.lora_a[pool_rows].zero_()
+        self.lora_b[pool_rows].zero_()
         self.register_buffer("scales", torch.zeros(num_slots + 1, dtype=dtype, device=device))
         self.weights = LoraWeights(self.lora_a, self.lora_b, self.scales)
         self.num_slots = num_slots

@@ -30,8 +30,9 @@ class LoraModel:
     ``max_rank``, as many as their ranks fit in ``adapter_cache_bytes``.
 
     adapter_cache_bytes: the pool of every wrapped layer together; ``pool_rows = adapter_cache_bytes //
-    bytes_per_row`` rank rows (a rank-r adapter takes r). None: ``num_slots * max_rank`` rows, room for
-    ``num_slots`` adapters of the largest rank. A budget that cannot hold one adapter of ``max_rank`` is refused.
+    bytes_per_row`` rank rows (a rank-r adapter takes r). None: ``default_pool_rows`` rows, or ``num_slots *
+    max_rank`` (room for ``num_slots`` adapters of the largest rank) when that is None too. A budget that cannot hold
+    one adapter of ``max_rank`` is refused.
     """
 
     def __init__(
@@ -43,6 +44,7 @@ class LoraModel:
         targets: Sequence[str] = DEFAULT_TARGETS,
         pack_weights: bool = True,
         adapter_cache_bytes: int | None = None,
+        default_pool_rows: int | None = None,
     ) -> None:
         if num_slots < 1 or max_rank < 1:
             raise ValueError("num_slots and max_rank must be at least 1")
@@ -66,7 +68,7 @@ class LoraModel:
         linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
         # one rank row of A and B in every wrapped layer
         self.bytes_per_row = sum((linears[n].in_features + linears[n].out_features) * element for n in wrapped)
-        self.pool_rows = self._pool_rows(num_slots, max_rank, adapter_cache_bytes)
+        self.pool_rows = self._pool_rows(default_pool_rows or num_slots * max_rank, max_rank, adapter_cache_bytes)
         self.layers: dict[str, BatchedLoraLinear] = {}
         for name in wrapped:
             parent_name, _, child = name.rpartition(".")
@@ -92,9 +94,9 @@ class LoraModel:
         """Bytes of the adapter pools of all wrapped layers (the zero row each keeps aside not counted)."""
         return self.pool_rows * self.bytes_per_row
 
-    def _pool_rows(self, num_slots: int, max_rank: int, adapter_cache_bytes: int | None) -> int:
+    def _pool_rows(self, default_rows: int, max_rank: int, adapter_cache_bytes: int | None) -> int:
         if adapter_cache_bytes is None:
-            return num_slots * max_rank
+            return max(default_rows, max_rank)
         rows = adapter_cache_bytes // self.bytes_per_row
         if rows < max_rank:
             raise ValueError(

@@ -151,9 +151,9 @@ def test_no_step_needs_more_adapters_than_slots_and_nobody_starves(setup) -> Non
     seen: list[set[int]] = []
     run = engine.runner.run
 
-    def spy(chunks):
+    def spy(chunks, copies=()):
         seen.append({c.slot for c in chunks if c.slot != 0})
-        return run(chunks)
+        return run(chunks, copies)
 
     engine.runner.run = spy
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)
@@ -271,11 +271,11 @@ def test_out_of_memory_fails_the_batch_with_a_clear_error_and_serving_goes_on(se
     real_run = engine.runner._run
     calls = {"n": 0}
 
-    def oom_once(chunks):
+    def oom_once(*args):
         calls["n"] += 1
         if calls["n"] == 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_run(chunks)
+        return real_run(*args)
 
     monkeypatch.setattr(engine.runner, "_run", oom_once)
     engine.start()
@@ -360,8 +360,8 @@ def test_non_finite_logits_fail_only_their_request(setup, monkeypatch) -> None:
     real_run = engine.runner._run
     calls = {"n": 0}
 
-    def poisoned(chunks):
-        out = real_run(chunks)
+    def poisoned(*args):
+        out = real_run(*args)
         logits = out.sample.clone()  # out of inference mode, so it can be edited
         calls["n"] += 1
         if calls["n"] == 1:

@@ -28,13 +28,16 @@ def setup(tiny_model_dir, tiny_adapters):
     return tiny_model_dir("llama"), adapters, reference
 
 
-def _spy_chunks(engine: Engine) -> list[list[SequenceChunk]]:
+def _spy_chunks(engine: Engine, copies: list[tuple[int, int]] | None = None) -> list[list[SequenceChunk]]:
+    """Every step's chunks (and, into ``copies``, its KV block copies) as the engine hands them to the runner."""
     seen: list[list[SequenceChunk]] = []
     run = engine.runner.run
 
-    def spy(chunks):
+    def spy(chunks, step_copies=()):
         seen.append(list(chunks))
-        return run(chunks)
+        if copies is not None:
+            copies.extend(step_copies)
+        return run(chunks, step_copies)
 
     engine.runner.run = spy  # type: ignore[method-assign]
     return seen
@@ -100,12 +103,14 @@ def test_n_sequences_prefill_the_prompt_once_and_equal_independent_requests(setu
     prompt = [(5 * i + 11) % 300 + 5 for i in range(40)]
     params = [SamplingParams(max_new_tokens=8, temperature=0.9, seed=1000 + i, ignore_eos=True) for i in range(3)]
 
-    engine = make_engine(model_dir, adapters, max_tokens_per_step=64)
-    seen = _spy_chunks(engine)
+    engine = make_engine(model_dir, adapters, max_tokens_per_step=64, block_size=16)
+    copies: list[tuple[int, int]] = []
+    seen = _spy_chunks(engine, copies)
     group = _results(engine, engine.submit_group(prompt, "a1", params))
     prompt_tokens_run = sum(len(c.token_ids) for chunks in seen for c in chunks if c.start < len(prompt))
     assert prompt_tokens_run == len(prompt) + 2  # the prompt once, then the last prompt token per forked sequence
-    assert sum(1 for chunks in seen for c in chunks if c.copy_from is not None) == 2
+    # Forked sequences share the parent's two full blocks and copy the partial third (positions 32..38) each.
+    assert len(copies) == 2 and len({dst for _, dst in copies}) == 2
 
     alone_engine = make_engine(model_dir, adapters, max_tokens_per_step=64)
     alone = [_results(alone_engine, [alone_engine.submit(prompt, "a1", p)])[0] for p in params]
