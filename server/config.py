@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     cpu_slots: int = Field(64, ge=0, le=100_000, description="host copies of adapters kept behind the slots")
     max_rank: int = Field(64, ge=1, le=1024, description="largest LoRA rank accepted")
     max_batch_size: int = Field(
-        32, ge=1, le=4096, description="sequences running at once, at most (memory comes from the KV block pool)"
+        256, ge=1, le=4096, description="sequences running at once, at most (memory comes from the KV block pool)"
     )
     kv_cache_bytes: int | None = Field(
         None,

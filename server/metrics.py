@@ -195,7 +195,7 @@ def _memory_families(m: MemoryStats) -> Iterable[GaugeMetricFamily | CounterMetr
     yield blocks
     yield GaugeMetricFamily("lora_kv_block_bytes", "Bytes of one KV block (layers, K, V)", value=m.kv_block_bytes)
     yield CounterMetricFamily(
-        "lora_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache", value=m.prefix_hit_tokens
+        "lora_prefix_cache_hit_tokens", "Tokens whose K/V came from the prefix cache", value=m.prefix_hit_tokens
     )
     yield CounterMetricFamily("lora_preemptions", "Running requests preempted for KV blocks", value=m.preemptions)
     pool = GaugeMetricFamily("lora_adapter_pool_bytes", "Adapter weights on the accelerator", labels=["state"])

@@ -47,7 +47,7 @@ class MemoryStats:
     kv_blocks_cached: int  # blocks holding a cached prefix that no request uses (reused or evicted on demand)
     kv_blocks_free: int  # blocks holding nothing
     kv_block_bytes: int  # bytes of one block (every layer, K and V)
-    prefix_hit_tokens: int  # prompt tokens served from the prefix cache instead of computed (counter)
+    prefix_hit_tokens: int  # tokens whose K/V came from the prefix cache instead of being computed (counter)
     preemptions: int  # running requests preempted for lack of KV blocks (counter)
     adapter_pool_bytes_used: int  # adapter weights resident on the accelerator
     adapter_pool_bytes_total: int  # the adapter pool's budget

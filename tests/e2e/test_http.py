@@ -111,6 +111,14 @@ def test_upload_generate_matches_peft_stream_and_openai(server, tiny_adapters, p
     done = [s for s in families["lora_requests"].samples if s.labels.get("adapter") == "support-fr"]
     assert sum(s.value for s in done if s.name == "lora_requests_total") >= 4
     assert families["lora_adapters_registered"].samples[0].value >= 1
+    blocks = {s.labels["state"]: s.value for s in families["lora_kv_blocks"].samples}
+    assert blocks["used"] == 0 and blocks["cached"] > 0  # finished requests' full blocks stay cached for reuse
+    assert families["lora_kv_block_bytes"].samples[0].value > 0
+    # The same prompt on the same adapter, several times above: its full blocks were served from the cache.
+    assert families["lora_prefix_cache_hit_tokens"].samples[0].value > 0
+    assert families["lora_preemptions"].samples[0].value == 0
+    pool = {s.labels["state"]: s.value for s in families["lora_adapter_pool_bytes"].samples}
+    assert 0 < pool["used"] <= pool["total"]
 
 
 def test_archive_upload_and_delete(server, tiny_adapters) -> None:

@@ -346,3 +346,32 @@ def test_bench_engine_features_mode_quick(tiny_model_dir, tmp_path: Path) -> Non
     figures = json.loads(out.read_text())
     assert figures["logprobs_requests"] == 3 and figures["json_requests"] == 1
     assert all(v > 0 for v in figures["tokens_per_second"].values())
+
+
+def _run_json(module: str, tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / f"{module}.json"
+    cmd = [sys.executable, "-m", f"loadtests.{module}", *args, "--json", str(out)]
+    subprocess.run(cmd, check=True, cwd=REPO_ROOT, timeout=300, capture_output=True)
+    return json.loads(out.read_text())
+
+
+def test_bench_prefix_cache_quick(tiny_model_dir, tmp_path: Path) -> None:
+    """Both contenders run the same trace; the cache serves the shared system prompts and changes no output."""
+    figures = _run_json("bench_prefix_cache", tmp_path, "--base-model", str(tiny_model_dir("llama")), "--requests",
+                        "8", "--adapters", "2", "--system-tokens", "40", "--clients", "2", "--rank", "4")  # fmt: skip
+    assert figures["cache-off"]["cached_prompt_share"] == 0 < figures["cache-on"]["cached_prompt_share"]
+    assert figures["ratios"]["identical_outputs"] == 1.0
+
+
+def test_bench_adapter_pool_quick(tiny_model_dir, tmp_path: Path) -> None:
+    """Adapters at their own rank: more of them fit the budget than max-rank slots would hold."""
+    figures = _run_json("bench_adapter_pool", tmp_path, "--base-model", str(tiny_model_dir("llama")),
+                        "--budget-mib", "0.5", "--adapters", "12", "--ranks", "2,4,16", "--max-rank", "16")  # fmt: skip
+    assert figures["resident_true_rank"] > figures["resident_padded_to_max_rank"] >= 1
+    assert figures["rows_used"] <= figures["pool_rows"]
+
+
+def test_bench_batch_sizes_quick(tiny_model_dir, tmp_path: Path) -> None:
+    figures = _run_json("bench_batch_sizes", tmp_path, "--base-model", str(tiny_model_dir("llama")), "--caps", "2,4",
+                        "--requests", "6", "--adapters", "2", "--rank", "4")  # fmt: skip
+    assert set(figures) == {"args", "2", "4"} and all(figures[c]["tokens_per_s"] > 0 for c in ("2", "4"))
