@@ -16,7 +16,9 @@ from server.kernels.attention.select import DECODE_KERNELS, select_decode
 needs_native = pytest.mark.skipif(not native_decode_usable(), reason="no native paged attention kernel here")
 
 
-def _case(seed: int, heads: int, kv_heads: int, dim: int, bs: int, contexts: list[int], spare: int = 5):
+def random_case(seed: int, heads: int, kv_heads: int, dim: int, bs: int, contexts: list[int], spare: int = 5):
+    """q [n, H, D], k/v pools [blocks, bs, KV, D] (float32 normals), shuffled int32 tables with a padding column,
+    int32 context lengths. Shared with the bfloat16 tests."""
     g = torch.Generator().manual_seed(seed)
     width = max(-(-c // bs) for c in contexts) + 1  # one padding column
     num_blocks = len(contexts) * width + spare
@@ -27,19 +29,20 @@ def _case(seed: int, heads: int, kv_heads: int, dim: int, bs: int, contexts: lis
     return q, k_pool, v_pool, tables.to(torch.int32), torch.tensor(contexts, dtype=torch.int32)
 
 
+# (heads, kv_heads, dim, bs, contexts): the decode kernels' edge paths, shared with the bfloat16 tests.
+DECODE_SHAPES = [
+    (9, 3, 64, 16, [300, 1, 17, 16, 33]),  # SmolLM2 shapes, partial last blocks, exactly one block
+    (32, 8, 128, 16, [5, 70]),  # Llama-3-8B shapes
+    (4, 4, 16, 1, [1, 9]),  # blocks of one position
+    (6, 2, 20, 5, [12, 3, 25]),  # head dim and block size off the vector width
+    (8, 1, 8, 7, [40]),  # multi-query
+]
+
+
 @needs_native
-@pytest.mark.parametrize(
-    ("heads", "kv_heads", "dim", "bs", "contexts"),
-    [
-        (9, 3, 64, 16, [300, 1, 17, 16, 33]),  # SmolLM2 shapes, partial last blocks, exactly one block
-        (32, 8, 128, 16, [5, 70]),  # Llama-3-8B shapes
-        (4, 4, 16, 1, [1, 9]),  # blocks of one position
-        (6, 2, 20, 5, [12, 3, 25]),  # head dim and block size off the vector width
-        (8, 1, 8, 7, [40]),  # multi-query
-    ],
-)
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "bs", "contexts"), DECODE_SHAPES)
 def test_native_equals_reference(heads: int, kv_heads: int, dim: int, bs: int, contexts: list[int]) -> None:
-    q, k_pool, v_pool, tables, ctx = _case(heads + dim + bs, heads, kv_heads, dim, bs, contexts)
+    q, k_pool, v_pool, tables, ctx = random_case(heads + dim + bs, heads, kv_heads, dim, bs, contexts)
     expected, got = torch.empty_like(q), torch.full_like(q, float("nan"))
     paged_decode_reference(expected, q, k_pool, v_pool, tables, ctx, max(contexts), 0.125)
     paged_decode_native(got, q, k_pool, v_pool, tables, ctx, max(contexts), 0.125)
@@ -48,7 +51,7 @@ def test_native_equals_reference(heads: int, kv_heads: int, dim: int, bs: int, c
 
 @needs_native
 def test_native_threads_agree_with_one_thread() -> None:
-    q, k_pool, v_pool, tables, ctx = _case(1, 9, 3, 64, 16, [100, 3, 47, 64, 1, 200])
+    q, k_pool, v_pool, tables, ctx = random_case(1, 9, 3, 64, 16, [100, 3, 47, 64, 1, 200])
     results = []
     before = torch.get_num_threads()
     try:
@@ -64,7 +67,7 @@ def test_native_threads_agree_with_one_thread() -> None:
 
 @needs_native
 def test_native_refuses_bad_input() -> None:
-    q, k_pool, v_pool, tables, ctx = _case(2, 4, 2, 16, 4, [5, 8])
+    q, k_pool, v_pool, tables, ctx = random_case(2, 4, 2, 16, 4, [5, 8])
     out = torch.zeros_like(q)
     bad = tables.clone()
     bad[1, 0] = k_pool.shape[0]  # a block id past the pool
@@ -79,13 +82,13 @@ def test_native_refuses_bad_input() -> None:
 
 def test_select_decode() -> None:
     expected = "native" if native_decode_usable() else "torch"
-    assert select_decode(torch.device("cpu"), torch.float32) == expected
-    assert select_decode(torch.device("cpu"), torch.bfloat16) == "torch"
+    assert select_decode(torch.device("cpu"), torch.float32) == expected  # bfloat16: test_paged_attention_bf16.py
 
 
 def test_cache_write_copy_and_sizes() -> None:
     cache = PagedKVCache(2, 6, 4, 3, 8, torch.float32, torch.device("cpu"))
     assert cache.nbytes == 2 * 2 * 6 * 4 * 3 * 8 * 4
+    cache.k.normal_(), cache.v.normal_()  # the pool starts uninitialised: a stray NaN would fail torch.equal below
     k, v = torch.randn(3, 3, 8), torch.randn(3, 3, 8)
     cache.write(1, torch.tensor([4 * 2 + 1, 4 * 5 + 3, 0]), k, v)  # block 2 offset 1, block 5 offset 3, block 0
     assert torch.equal(cache.k[1, 2, 1], k[0]) and torch.equal(cache.v[1, 5, 3], v[1])

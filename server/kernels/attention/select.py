@@ -1,8 +1,8 @@
 """The paged decode-attention kernel for a device and dtype, chosen once at startup.
 
 All kernels share one signature (``DecodeKernel``) and the semantics of ``reference.paged_decode_reference``:
-the C kernel on the CPU in float32 (when it builds and passes its self-check), Triton on CUDA (when it imports),
-the torch gather path everywhere else.
+the C kernel on the CPU in float32 or bfloat16 (when it builds and passes its self-check in that dtype), Triton on
+CUDA (when it imports), the torch gather path everywhere else (float16 on the CPU included).
 """
 
 from typing import Protocol
@@ -37,7 +37,7 @@ DECODE_KERNELS: dict[str, DecodeKernel] = {
 
 def select_decode(device: torch.device, dtype: torch.dtype) -> str:
     """The name (a key of ``DECODE_KERNELS``) of the fastest usable decode kernel for this device and dtype."""
-    if device.type == "cpu" and dtype == torch.float32 and native_decode_usable():
+    if device.type == "cpu" and native_decode_usable(dtype):  # False for a dtype the C kernel does not serve
         return "native"
     if device.type == "cuda" and TRITON_AVAILABLE and triton_decode_usable():
         return "triton"
