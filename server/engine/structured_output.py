@@ -141,7 +141,10 @@ class GrammarCompiler:
                 return cached
         compiled = self._compile(spec)
         with self._lock:
-            self._cache[spec] = compiled
+            # Two threads may compile the same spec at once: the first one stored is kept and returned to both, so
+            # every caller of a spec holds the cached grammar.
+            compiled = self._cache.setdefault(spec, compiled)
+            self._cache.move_to_end(spec)
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return compiled

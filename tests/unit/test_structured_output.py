@@ -238,10 +238,32 @@ def test_compile_grammar_maps_errors_to_400(tokenizer) -> None:
         spec = StructuredOutputSpec("regex", "[0-9]+")
         first, second = await asyncio.gather(compile_grammar(service, spec), compile_grammar(service, spec))  # type: ignore[arg-type]
         assert isinstance(first, CompiledGrammar) and first.matcher().accept(tokenizer.convert_tokens_to_ids("7"))
-        assert second is first or second.spec == first.spec
+        assert second is first  # compiled at once by two threads: both get the one the cache kept
         assert await compile_grammar(service, spec) is first  # type: ignore[arg-type]
         with pytest.raises(ApiError) as info:
             await compile_grammar(service, schema_spec({"not": {}}))  # type: ignore[arg-type]
         assert (info.value.status, info.value.type) == (400, "invalid_request") and "not" in info.value.message
 
     asyncio.run(run())
+
+
+def test_a_spec_compiled_by_two_threads_at_once_gives_both_the_cached_grammar(tokenizer, monkeypatch) -> None:
+    import threading
+
+    fresh = GrammarCompiler(tokenizer, VOCAB)
+    compile_once = fresh._compile
+    both_compiling = threading.Barrier(2)
+
+    def slow(spec: StructuredOutputSpec) -> CompiledGrammar:
+        both_compiling.wait(timeout=10)  # neither finds the other's result in the cache
+        return compile_once(spec)
+
+    monkeypatch.setattr(fresh, "_compile", slow)
+    spec = StructuredOutputSpec("regex", "[0-9]+")
+    results: list[CompiledGrammar] = []
+    threads = [threading.Thread(target=lambda: results.append(fresh.compile(spec))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(results) == 2 and results[0] is results[1] and fresh.cached() == 1
