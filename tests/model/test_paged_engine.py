@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from loadtests.common.factories import save_peft_adapter
 from loadtests.common.peft_reference import PeftReference
 from server.engine.engine import Engine
 from server.engine.handle import RequestResult
+from server.engine.kv_cache import PagedKVCache
 from server.engine.sampling_params import SamplingParams
 from tests.helpers.engines import make_engine, run_until_done
 from tests.model.test_engine import peft_greedy
@@ -30,10 +31,6 @@ def setup(tiny_model_dir, tiny_adapters, tmp_path_factory):
     return model_dir, adapters, reference
 
 
-def block_bytes(engine: Engine) -> int:
-    return engine.block_bytes
-
-
 def results(engine: Engine, requests: list[tuple[str | None, list[int], SamplingParams]]) -> list[RequestResult]:
     handles = [engine.submit(prompt, adapter, params) for adapter, prompt, params in requests]
     run_until_done(engine)
@@ -45,8 +42,7 @@ def greedy(n: int) -> SamplingParams:
 
 
 def small_pool_engine(model_dir: Path, adapters: dict[str, Path], blocks: int, **config) -> Engine:
-    probe = make_engine(model_dir, adapters, max_seq_len=64, block_size=8, kv_cache_bytes=1 << 20)
-    nbytes = blocks * probe.block_bytes
+    nbytes = blocks * PagedKVCache.block_bytes(AutoConfig.from_pretrained(model_dir), 8, torch.float32)
     return make_engine(model_dir, adapters, max_seq_len=64, block_size=8, kv_cache_bytes=nbytes, **config)
 
 
@@ -137,9 +133,8 @@ def test_a_pool_smaller_than_one_sequence_is_refused_at_startup(setup) -> None:
 def test_logits_do_not_depend_on_where_blocks_sit(setup) -> None:
     """Fragment the pool with other requests first; the same request's tokens stay those of a fresh engine."""
     model_dir, adapters, _ = setup
-    prompt = [rng for rng in range(7, 40)]
+    prompt = list(range(7, 40))
     fresh = results(make_engine(model_dir, adapters, max_seq_len=96, block_size=8), [("a2", prompt, greedy(8))])
     engine = make_engine(model_dir, adapters, max_seq_len=96, block_size=8, prefix_caching=False)
-    torch.manual_seed(0)
     results(engine, [(None, list(range(50, 50 + n)), greedy(n)) for n in (5, 17, 9)])
     assert results(engine, [("a2", prompt, greedy(8))])[0].token_ids == fresh[0].token_ids
