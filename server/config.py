@@ -3,11 +3,15 @@
 Precedence: flag > environment variable > default. Every flag of ``lora-server serve`` is a field here.
 """
 
+import importlib.util
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The library each --quantize method stores the base weights with (server/model/quantize.py).
+QUANTIZE_LIBRARIES = {"int8": "torchao", "nf4": "bitsandbytes"}
 
 
 class Settings(BaseSettings):
@@ -34,6 +38,11 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    quantize: Literal["none", "int8", "nf4"] = Field(
+        "none",
+        description="store the base model's decoder linears quantized, adapters applied unmerged in dtype on top: "
+        "int8 (torchao, weight-only, one scale per row) or nf4 (bitsandbytes, QLoRA's 4-bit format)",
+    )
     gpu_slots: int = Field(
         128, ge=1, le=4096, description="adapters resident on the accelerator at once, at most (adapter_cache_bytes)"
     )
@@ -72,6 +81,11 @@ class Settings(BaseSettings):
     packed_weights: bool = Field(
         True, description="CPU: pack the frozen base weights into oneDNN's layout at startup (faster GEMMs)"
     )
+    merge_dominant: bool = Field(
+        False,
+        description="fold an adapter that holds most running rows into the base weights, the other rows served with a "
+        "low-rank correction, unfolded when the mix changes (dLoRA); keeps the adapted weights aside while merged",
+    )
     max_prompt_tokens: int | None = Field(None, ge=1, description="per-request prompt limit; default max_seq_len - 1")
     max_new_tokens: int | None = Field(None, ge=1, description="per-request generation limit; default max_seq_len - 1")
     request_timeout: float | None = Field(
@@ -101,6 +115,15 @@ class Settings(BaseSettings):
                              "(Authorization: Bearer <key>)")  # fmt: skip
         return key
 
+    @field_validator("quantize")
+    @classmethod
+    def _quantize_library(cls, method: str) -> str:
+        """Refused at startup rather than after the tokenizer and registry are up (the import is only checked)."""
+        library = QUANTIZE_LIBRARIES.get(method)
+        if library is not None and importlib.util.find_spec(library) is None:
+            raise ValueError(f"quantize={method} needs the {library} package, which is not installed")
+        return method
+
     @field_validator("lora_load_dir")
     @classmethod
     def _existing_dir(cls, path: Path | None) -> Path | None:
@@ -116,6 +139,8 @@ class Settings(BaseSettings):
                          ("metrics_requires_key", self.metrics_requires_key)):  # fmt: skip
             if on and keyless:  # it would do nothing: refuse rather than leave the endpoint open behind its back
                 raise ValueError(f"{flag} is set but no api_key or admin_key is configured: there is no key to require")
+        if self.merge_dominant and self.quantize != "none":
+            raise ValueError(f"merge_dominant needs a dense base; quantize={self.quantize} is served unmerged only")
         if self.max_tokens_per_step < self.max_batch_size:
             raise ValueError("max_tokens_per_step must be at least max_batch_size")
         return self

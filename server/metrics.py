@@ -5,7 +5,8 @@ adapters at a time (the first ones seen). Deleting an adapter frees its label (i
 adapter can take it. Everything else gets a reserved label, which starts with "_" and so can never be an adapter
 name (names start with a letter or digit): ``__base__`` (no adapter), ``__other__`` (adapters past the limit),
 ``__unknown__`` (requests naming an adapter that is not registered: their names never become labels, or a client
-could make unbounded series) and ``__deleted__`` (requests of an adapter that finished after it was deleted).
+could make unbounded series), ``__deleted__`` (requests of an adapter that finished after it was deleted) and
+``__mixture__`` (requests on a weighted mixture of adapters, whatever its parts and weights).
 Outcome and tier labels come from fixed sets.
 """
 
@@ -17,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from server.adapters.mixture import MIXTURE_PREFIX
 from server.engine.stats import FinishedRecord, MemoryStats
 from server.lora.slot_cache import CacheStats
 
@@ -24,7 +26,8 @@ BASE_LABEL = "__base__"
 OTHER_LABEL = "__other__"
 UNKNOWN_LABEL = "__unknown__"
 DELETED_LABEL = "__deleted__"
-RESERVED_LABELS = frozenset({BASE_LABEL, OTHER_LABEL, UNKNOWN_LABEL, DELETED_LABEL})
+MIXTURE_LABEL = "__mixture__"  # every weighted mixture (its key holds client-chosen weights: one label for them all)
+RESERVED_LABELS = frozenset({BASE_LABEL, OTHER_LABEL, UNKNOWN_LABEL, DELETED_LABEL, MIXTURE_LABEL})
 REJECTED = "rejected"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
 _TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -47,6 +50,8 @@ class AdapterLabels:
             return BASE_LABEL
         if adapter in self._known:
             return adapter
+        if adapter.startswith(MIXTURE_PREFIX):
+            return MIXTURE_LABEL
         if not self._registered(adapter):
             return DELETED_LABEL
         if len(self._known) < self.limit:
@@ -198,6 +203,11 @@ def _memory_families(m: MemoryStats) -> Iterable[GaugeMetricFamily | CounterMetr
         "lora_prefix_cache_hit_tokens", "Tokens whose K/V came from the prefix cache", value=m.prefix_hit_tokens
     )
     yield CounterMetricFamily("lora_preemptions", "Running requests preempted for KV blocks", value=m.preemptions)
+    merges = CounterMetricFamily("lora_dominant_merges", "Dominant adapters folded into the base weights and back",
+                                 labels=["event"])  # fmt: skip
+    merges.add_metric(["merge"], m.dominant_merges)
+    merges.add_metric(["unmerge"], m.dominant_unmerges)
+    yield merges
     pool = GaugeMetricFamily("lora_adapter_pool_bytes", "Adapter weights on the accelerator", labels=["state"])
     pool.add_metric(["used"], m.adapter_pool_bytes_used)
     pool.add_metric(["total"], m.adapter_pool_bytes_total)

@@ -33,7 +33,7 @@ class Service:
         base_dir = settings.base_model or ensure_embedded_model()
         self.base_model_id = settings.base_model.name if settings.base_model else EMBEDDED_MODEL_ID
         log.info("loading base model %s from %s", self.base_model_id, base_dir)
-        model = load_base_model(base_dir, settings.device, settings.dtype)
+        model = load_base_model(base_dir, settings.device, settings.dtype, settings.quantize)
         self.lora_model = LoraModel(
             model,
             settings.gpu_slots,
@@ -64,6 +64,7 @@ class Service:
                 kv_cache_bytes=settings.kv_cache_bytes,
                 block_size=settings.kv_block_size,
                 prefix_caching=settings.prefix_caching,
+                merge_dominant=settings.merge_dominant,
             ),
         )
         self.metrics = ServerMetrics(settings.metrics_adapter_labels, registered=self.registry.__contains__)

@@ -7,12 +7,13 @@ Pickle files are never opened: a folder that holds one is refused outright.
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+from server.adapters.adalora import ADALORA_SUFFIXES, to_lora_layout
 from server.adapters.archive import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE
 from server.adapters.config_json import MAX_CONFIG_BYTES
 from server.adapters.errors import AdapterFormatError, AdapterMismatchError
@@ -20,7 +21,7 @@ from server.adapters.peft_config import LoraSpec, parse_lora_config
 
 ACCEPTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _PREFIX = "base_model.model."
-_SUFFIXES = {".lora_A.weight": "a", ".lora_B.weight": "b"}
+_SUFFIXES = {".lora_A.weight": "a", ".lora_B.weight": "b", ".lora_magnitude_vector": "m"}  # m: DoRA only
 
 
 @dataclass(frozen=True)
@@ -39,11 +40,13 @@ class TargetableModules:
 
 @dataclass(frozen=True)
 class LayerWeights:
-    """One adapted module: a [r, in] (lora_A.weight), b [out, r] (lora_B.weight), scale = alpha/r or alpha/sqrt(r)."""
+    """One adapted module: a [r, in] (lora_A.weight), b [out, r] (lora_B.weight), scale = alpha/r or alpha/sqrt(r);
+    magnitude [out] (DoRA's lora_magnitude_vector) or None for plain LoRA."""
 
     a: torch.Tensor
     b: torch.Tensor
     scale: float
+    magnitude: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,12 @@ class AdapterWeights:
 
     def pin_memory(self) -> "AdapterWeights":
         """A copy in page-locked host memory, so copies into accelerator slots can run asynchronously."""
-        pinned = {k: LayerWeights(w.a.pin_memory(), w.b.pin_memory(), w.scale) for k, w in self.layers.items()}
+        pinned = {
+            k: LayerWeights(
+                w.a.pin_memory(), w.b.pin_memory(), w.scale, None if w.magnitude is None else w.magnitude.pin_memory()
+            )
+            for k, w in self.layers.items()
+        }
         return AdapterWeights(self.spec, pinned)
 
 
@@ -93,7 +101,8 @@ def read_adapter(
     if spec.max_rank > max_rank:
         raise AdapterMismatchError(f"adapter rank {spec.max_rank} is above this server's maximum rank {max_rank}")
     targets = _resolve_targets(spec, modules)
-    tensors = _read_tensors(weights_path)
+    tensors = _read_tensors(weights_path, ADALORA_SUFFIXES if spec.peft_type == "ADALORA" else _SUFFIXES)
+    targets = to_lora_layout(spec, targets, tensors)  # AdaLoRA: a = lora_A * lora_E; rank-0 modules dropped
     layers: dict[str, LayerWeights] = {}
     for name in targets:
         parts = tensors.pop(name, {})
@@ -101,7 +110,8 @@ def read_adapter(
         if missing:
             kinds = ", ".join(f"lora_{k.upper()}" for k in missing)
             raise AdapterFormatError(f"missing tensors for {name}: {kinds} (the config targets this module)")
-        layers[name] = _checked_layer(name, parts["a"], parts["b"], spec, modules.shapes[name], dtype)
+        layer = _checked_layer(name, parts["a"], parts["b"], spec, modules.shapes[name], dtype)
+        layers[name] = _with_magnitude(layer, name, parts.get("m"), spec.use_dora)
     if tensors:
         extra = sorted(tensors)
         raise AdapterFormatError(
@@ -127,25 +137,30 @@ def _resolve_targets(spec: LoraSpec, modules: TargetableModules) -> list[str]:
     return targets
 
 
-def _read_tensors(weights_path: Path) -> dict[str, dict[str, torch.Tensor]]:
+def _read_tensors(weights_path: Path, suffixes: Mapping[str, str]) -> dict[str, dict[str, torch.Tensor]]:
     """module name -> {"a": lora_A.weight, "b": lora_B.weight} as stored in the file."""
     out: dict[str, dict[str, torch.Tensor]] = {}
     try:
         with safe_open(str(weights_path), framework="pt", device="cpu") as f:
             for key in f.keys():
-                module, kind = _parse_key(key)
+                module, kind = _parse_key(key, suffixes)
                 out.setdefault(module, {})[kind] = f.get_tensor(key)
     except SafetensorError as exc:
         raise AdapterFormatError(f"{WEIGHTS_FILE} is not a valid safetensors file: {exc}") from None
     return out
 
 
-def _parse_key(key: str) -> tuple[str, str]:
-    for suffix, kind in _SUFFIXES.items():
+def _parse_key(key: str, suffixes: Mapping[str, str]) -> tuple[str, str]:
+    for suffix, kind in suffixes.items():
         if key.startswith(_PREFIX) and key.endswith(suffix):
             return key[len(_PREFIX) : -len(suffix)], kind
+    if suffixes is ADALORA_SUFFIXES:
+        raise AdapterFormatError(
+            f"unexpected tensor {key!r}: an AdaLoRA save holds only '{_PREFIX}<module>.lora_A', '.lora_B', '.lora_E'"
+        )
     raise AdapterFormatError(
-        f"unexpected tensor {key!r}: a LoRA save holds only '{_PREFIX}<module>.lora_A.weight' and '.lora_B.weight'"
+        f"unexpected tensor {key!r}: a LoRA save holds only '{_PREFIX}<module>.lora_A.weight', '.lora_B.weight' "
+        "(and DoRA's '.lora_magnitude_vector')"
     )
 
 
@@ -171,3 +186,27 @@ def _checked_layer(
     if not math.isfinite(scale):
         raise AdapterFormatError(f"{name}: scale {scale} is not finite")
     return LayerWeights(a.to(dtype).contiguous(), b.to(dtype).contiguous(), scale)
+
+
+def _with_magnitude(layer: LayerWeights, name: str, magnitude: torch.Tensor | None, use_dora: bool) -> LayerWeights:
+    """``layer`` with DoRA's lora_magnitude_vector [out], checked and kept in float32 (``server.lora.dora`` divides
+    it by the norms in float64 when a slot is written); required exactly when the config says ``use_dora``."""
+    if magnitude is None:
+        if use_dora:
+            raise AdapterFormatError(f"missing tensor for {name}: lora_magnitude_vector (the config says use_dora)")
+        return layer
+    if not use_dora:
+        raise AdapterFormatError(f"{name}.lora_magnitude_vector is a DoRA tensor but the config says use_dora=false")
+    if magnitude.dtype not in ACCEPTED_DTYPES:
+        raise AdapterFormatError(
+            f"{name}.lora_magnitude_vector has dtype {magnitude.dtype}; accepted: float16, bfloat16, float32"
+        )
+    out_features = layer.b.shape[0]
+    if tuple(magnitude.shape) != (out_features,):
+        raise AdapterMismatchError(
+            f"{name}: lora_magnitude_vector {tuple(magnitude.shape)} does not fit the base model; expected "
+            f"({out_features},), one magnitude per output feature"
+        )
+    if not bool(torch.isfinite(magnitude).all()):
+        raise AdapterFormatError(f"{name}.lora_magnitude_vector contains NaN or infinite values")
+    return replace(layer, magnitude=magnitude.float().contiguous())

@@ -38,7 +38,7 @@ def _is_null(value: object) -> bool:
 _SERVED_ONLY: dict[str, tuple[object, Callable[[object], bool], str]] = {
     "task_type": (None, lambda v: v in (None, "CAUSAL_LM"), '"CAUSAL_LM" or null'),
     "bias": ("none", lambda v: v == "none", '"none"'),
-    "use_dora": (False, _off, "false (DoRA is not served)"),
+    "use_dora": (False, lambda v: v is None or isinstance(v, bool), "true or false"),
     "fan_in_fan_out": (False, _off, "false"),
     "lora_bias": (False, _off, "false"),
     "use_qalora": (False, _off, "false"),
@@ -84,6 +84,8 @@ class LoraSpec:
     layers_pattern: tuple[str, ...] | None = None
     exclude_modules: tuple[str, ...] | str | None = None
     base_model_name_or_path: str | None = None
+    use_dora: bool = False  # DoRA: a learned magnitude per output feature over the normalised W + scale * B A
+    peft_type: str = "LORA"  # "LORA", or "ADALORA" (converted to the LoRA layout when read)
     _matchers: mp.ModuleMatchers = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -159,12 +161,21 @@ def parse_lora_config(raw: bytes | str | dict[str, object]) -> LoraSpec:
     """
     cfg = _load_object(raw)
     peft_type = cfg.get("peft_type")
+    if peft_type == "ADALORA":  # converted to the LoRA layout; imported here as adalora builds on this module
+        from server.adapters.adalora import parse_adalora_config
+
+        return parse_adalora_config(cfg)
     if peft_type != "LORA":
-        raise AdapterFormatError(f'peft_type={_show(peft_type)}: only LoRA adapters are served (peft_type "LORA")')
+        raise AdapterFormatError(
+            f"peft_type={_show(peft_type)} is not served; served kinds: LoRA (peft_type \"LORA\", DoRA with "
+            'use_dora) and AdaLoRA ("ADALORA")'
+        )
     for name, (default, served, accepted) in _SERVED_ONLY.items():
         value = cfg.get(name, default)
         if not served(value):
             raise UnsupportedAdapterError(f"{name}={_show(value)} is not supported; accepted: {accepted}")
+    if cfg.get("use_dora") is True and not _off(cfg.get("megatron_config")):  # PEFT's LoraConfig refuses it too
+        raise UnsupportedAdapterError("use_dora=true with a megatron_config is not supported (nor by PEFT)")
 
     r = cfg.get("r", 8)
     if not _is_int(r) or r <= 0:
@@ -203,7 +214,17 @@ def parse_lora_config(raw: bytes | str | dict[str, object]) -> LoraSpec:
         raise AdapterFormatError(f"base_model_name_or_path={_show(base)}: must be a string or null")
     alpha_pattern = {k: float(v) for k, v in alpha_pattern.items()}
     return LoraSpec(
-        r, float(alpha), use_rslora, target_modules, rank_pattern, alpha_pattern, layers, layers_pattern, exclude, base
+        r,
+        float(alpha),
+        use_rslora,
+        target_modules,
+        rank_pattern,
+        alpha_pattern,
+        layers,
+        layers_pattern,
+        exclude,
+        base,
+        use_dora=cfg.get("use_dora") is True,
     )
 
 

@@ -6,6 +6,7 @@ from typing import ParamSpec, TypeVar
 
 from fastapi import Request
 
+from server.api.adapter_fields import unregistered
 from server.api.errors import ApiError, ClientDisconnected
 from server.api.schemas import FinishReasonName, StreamFinishReason
 from server.engine.errors import EngineStoppedError, QueueFullError, RequestError, UnknownAdapterError
@@ -42,7 +43,8 @@ def submit(
     params: SamplingParams,
     grammar: CompiledGrammar | None = None,
 ) -> RequestHandle:
-    """Queue the request; 404 for an unknown adapter, 400 for limits, 429 with Retry-After when the queue is full."""
+    """Queue the request; 404 for an unknown adapter (or mixture part), 400 for limits, 429 with Retry-After when
+    the queue is full."""
     [handle] = submit_group(service, prompt_ids, adapter, [params], grammar)
     return handle
 
@@ -56,9 +58,11 @@ def submit_group(
 ) -> list[RequestHandle]:
     """Queue one sequence per ``params`` on one prompt (OpenAI's ``n``; the engine prefills the prompt once), with
     ``submit``'s answers for what cannot be queued: all the group's sequences are queued, or none."""
-    if adapter is not None and adapter not in service.registry:
+    missing = unregistered(service, adapter)
+    if missing is not None:
         service.metrics.observe_rejected_unknown()
-        raise ApiError(404, "not_found", f"adapter {adapter!r} is not registered")
+        where = "" if missing == adapter else " (in the mixture)"
+        raise ApiError(404, "not_found", f"adapter {missing!r}{where} is not registered")
     try:
         return service.engine.submit_group(prompt_ids, adapter, params, loop=asyncio.get_running_loop(),
                                            grammar=grammar)  # fmt: skip

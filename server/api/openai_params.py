@@ -3,6 +3,7 @@
 import asyncio
 from dataclasses import dataclass
 
+from server.api.adapter_fields import model_adapter
 from server.api.errors import ApiError
 from server.api.generation import sampling_params
 from server.api.openai_schemas import ChatCompletionRequest, CompletionRequest
@@ -21,12 +22,9 @@ class Prompt:
 
 
 def adapter_for(service: Service, model: str | None) -> str | None:
-    """The adapter ``model`` names; None for the base model (its id, or no model at all, as vLLM takes it)."""
-    if model is None or model == service.base_model_id:
-        return None
-    if model in service.registry:
-        return model
-    raise ApiError(404, "not_found", f"model {model!r} does not exist; GET /v1/models lists the base and adapters")
+    """The adapter ``model`` names (or the mixture key it writes); None for the base model (its id, or no model at
+    all, as vLLM takes it)."""
+    return model_adapter(service, model)
 
 
 def refuse_unsupported(body: OpenAIRequest) -> None:

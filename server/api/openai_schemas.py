@@ -48,7 +48,11 @@ class StreamOptions(BaseModel):
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)  # unknown fields refused, known ones typed strictly
 
-    model: str | None = Field(None, description="an adapter name, or the base model's id (null or absent: the base)")
+    model: str | None = Field(
+        None,
+        description="an adapter name, a weighted mixture mix:<name>*<weight>+..., or the base model's id (null or "
+        "absent: the base)",
+    )
     max_tokens: int | None = Field(None, ge=1, le=1_000_000)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)

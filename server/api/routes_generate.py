@@ -5,6 +5,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
+from server.api.adapter_fields import requested_adapter
 from server.api.auth import require_inference
 from server.api.generation import completed_reason, public_reason, run_to_completion, sampling_params, stream, submit
 from server.api.logprob_format import token_info, token_infos
@@ -67,19 +68,21 @@ def _prompt_infos(
     responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when streaming"}},
 )
 async def generate(body: GenerateRequest, request: Request):
-    """Generate with ``adapter`` (or the base model). With ``stream: true`` the answer is Server-Sent Events: one
-    ``data: {"id", "token": {"id", "text"}}`` per token (with ``logprob`` and ``top`` when ``logprobs`` is set), a
-    last event with ``finish_reason`` and ``usage`` (and ``prompt_logprobs``), then ``data: [DONE]``."""
+    """Generate with ``adapter`` (a name or a weighted mixture; absent: the base model). With ``stream: true`` the
+    answer is Server-Sent Events: one ``data: {"id", "token": {"id", "text"}}`` per token (with ``logprob`` and
+    ``top`` when ``logprobs`` is set), a last event with ``finish_reason`` and ``usage`` (and ``prompt_logprobs``),
+    then ``data: [DONE]``."""
     service: Service = request.app.state.service
+    adapter = requested_adapter(body.adapter)
     params = _params(service, body)
     grammar = await grammar_for(service, generate_spec(body.structured_output))
-    handle = submit(service, await encode_prompt(service, body.prompt), body.adapter, params, grammar)
+    handle = submit(service, await encode_prompt(service, body.prompt), adapter, params, grammar)
     tokenizer = service.tokenizer
     if not body.stream:
         result = await run_to_completion(handle, request)
         return GenerateResponse(
             id=result.request_id,
-            adapter=body.adapter,
+            adapter=adapter,
             text=result.text,
             finish_reason=completed_reason(result.finish_reason),
             usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens),

@@ -14,6 +14,7 @@ from fastapi.responses import PlainTextResponse
 
 from server.adapters.errors import AdapterError
 from server.adapters.registry import AdapterExists, AdapterRecord, RegistryError, check_name
+from server.api.adapter_fields import model_adapter
 from server.api.auth import require_admin, require_inference
 from server.api.errors import ApiError
 from server.api.lora_load_dir import disabled, open_adapter_files
@@ -84,8 +85,8 @@ async def unload_lora_adapter(body: UnloadLoraAdapterRequest, request: Request) 
 
 
 def _check_model(service: Service, model: str | None) -> None:
-    if model is not None and model != service.base_model_id and model not in service.registry:
-        raise ApiError(404, "not_found", f"model {model!r} does not exist; GET /v1/models lists the base and adapters")
+    """404 unless ``model`` is the base model, an adapter or a mixture of adapters (422 when malformed)."""
+    model_adapter(service, model)
 
 
 def _prompt_limit(service: Service) -> int:

@@ -2,8 +2,10 @@
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
+from server.adapters.mixture import MAX_MIXTURE_PARTS, MAX_MIXTURE_WEIGHT
+from server.adapters.registry import NAME_PATTERN
 from server.api.structured_fields import StructuredOutput
 from server.engine.logprob import MAX_TOP_LOGPROBS
 from server.engine.sampling_params import (
@@ -34,10 +36,47 @@ LogitBias = Annotated[
 TopK = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]
 
 
+class MixturePartBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(..., pattern=NAME_PATTERN, description="a registered adapter")
+    weight: float = Field(
+        ..., ge=-MAX_MIXTURE_WEIGHT, le=MAX_MIXTURE_WEIGHT, allow_inf_nan=False, description="may be negative"
+    )
+
+
+class AdapterMixture(BaseModel):
+    """A weighted mixture of adapters, computed as PEFT's ``add_weighted_adapter(..., combination_type="cat")``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    mix: list[MixturePartBody] = Field(..., min_length=1, max_length=MAX_MIXTURE_PARTS)
+
+    @field_validator("mix")
+    @classmethod
+    def _distinct(cls, parts: list[MixturePartBody]) -> list[MixturePartBody]:
+        names = [p.name for p in parts]
+        if len(set(names)) != len(names):
+            raise ValueError("each adapter appears once in a mixture; give it one weight")
+        return parts
+
+
+# An adapter name or a mixture key ``mix:<name>*<weight>+...`` (8 parts of 64-character names fit in 1024), or a
+# mixture object; tagged, so an error names one of them ("adapter.mixture.mix.0.weight"), not both.
+AdapterField = Annotated[
+    Annotated[str, Field(min_length=1, max_length=1024), Tag("name")] | Annotated[AdapterMixture, Tag("mixture")],
+    Discriminator(lambda v: "name" if isinstance(v, str) else "mixture"),
+]
+
+
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)  # strict: no true -> 1.0, no "8" -> 8
 
-    adapter: str | None = Field(None, description="adapter name; null or absent for the base model", max_length=64)
+    adapter: AdapterField | None = Field(
+        None,
+        description='adapter name, {"mix": [{"name", "weight"}, ...]} or "mix:<name>*<weight>+..."; null or '
+        "absent for the base model",
+    )
     prompt: str = Field(..., min_length=1, description="raw prompt text (no chat template applied)")
     max_new_tokens: int = Field(128, ge=0, le=1_000_000, description="0: only score the prompt (with prompt_logprobs)")
     temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 = greedy")
@@ -76,7 +115,7 @@ class Usage(BaseModel):
 
 class GenerateResponse(BaseModel):
     id: str
-    adapter: str | None
+    adapter: str | None = Field(description="the adapter's name, or a mixture's key mix:<name>*<weight>+...")
     text: str
     finish_reason: FinishReasonName
     usage: Usage

@@ -31,7 +31,9 @@ class TokenizeRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    model: str | None = Field(None, description="the base model's id or an adapter name; all share one tokenizer")
+    model: str | None = Field(
+        None, description="the base model's id, an adapter name or a mixture mix:...; all share one tokenizer"
+    )
     prompt: str | None = Field(None, description="text to tokenize as a completions prompt is")
     messages: list[ChatMessage] | None = Field(
         None, min_length=1, description="a conversation to render and tokenize as a chat completions request is"
@@ -68,7 +70,9 @@ class TokenizeResponse(BaseModel):
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    model: str | None = Field(None, description="the base model's id or an adapter name; all share one tokenizer")
+    model: str | None = Field(
+        None, description="the base model's id, an adapter name or a mixture mix:...; all share one tokenizer"
+    )
     tokens: list[int] = Field(..., description="token ids, each in [0, the tokenizer's vocabulary size)")
 
 

@@ -21,6 +21,15 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from server.adapters.checkpoint import AdapterWeights
+from server.adapters.errors import AdapterError
+from server.adapters.mixture import (
+    MixtureChecks,
+    MixtureCopies,
+    MixtureError,
+    cat_adapters,
+    check_parts,
+    parse_mixture_key,
+)
 from server.engine.block_manager import BlockManager
 from server.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from server.engine.errors import RequestError, UnknownAdapterError, step_failure
@@ -30,6 +39,9 @@ from server.engine.kv_pool import kv_pool_blocks
 from server.engine.logprob import TokenLogprob
 from server.engine.logprobs import prompt_logprobs
 from server.engine.loop import EngineLoop
+from server.engine.merge_control import MergeController
+from server.engine.merge_policy import MergePolicyConfig
+from server.engine.merge_reads import parse_correction_key
 from server.engine.model_runner import ModelRunner, SequenceChunk
 from server.engine.outputs import LiveRequest, OutputProcessor
 from server.engine.prefix_keys import PrefixKeys
@@ -59,6 +71,8 @@ class EngineConfig:
     kv_cache_bytes: int | None = None  # the KV block pool (None: see ``kv_pool_bytes``)
     block_size: int = 16  # positions per KV block
     prefix_caching: bool = True  # reuse computed KV blocks of equal prefixes (per adapter; see kv_sharing)
+    merge_dominant: bool = False  # fold an adapter that holds most rows into the base weights (merge_control)
+    merge_policy: MergePolicyConfig = MergePolicyConfig()  # when to merge and unmerge (merge_policy)
 
 
 class Engine:
@@ -95,6 +109,11 @@ class Engine:
             adapter_affinity=config.adapter_affinity,
         )
         self.prefix_keys = PrefixKeys(model, adapter_path)  # adapter -> prefix-cache namespace
+        self.merge: MergeController | None = None  # merge_dominant: serving the dominant adapter merged
+        if config.merge_dominant:
+            self.merge = MergeController(model, self.slot_cache, self._read_adapter, config.merge_policy)
+        self.mixtures = MixtureCopies(self._has_copy)  # mixture keys that may be cached: a part's delete drops them
+        self.mixture_checks = MixtureChecks(model.modules)
         self.outputs = OutputProcessor(self.scheduler, _eos_ids(model, tokenizer))
         # Observers (the metrics exporter): called on the engine thread, so they must be quick.
         self.on_finish: list[Callable[[FinishedRecord], None]] = self.outputs.on_finish
@@ -187,15 +206,49 @@ class Engine:
         if any(not 0 <= t < vocab for t in params.token_ids()):
             raise RequestError(f"logit_bias and stop_token_ids must name token ids in [0, {vocab})")
         if adapter is not None:
-            try:
-                self.adapter_path(adapter)
-            except KeyError:
-                raise UnknownAdapterError(f"unknown adapter {adapter!r}") from None
+            self._check_adapter(adapter)
+
+    def _check_adapter(self, adapter: str) -> None:
+        """An adapter name, or a mixture key (``server.adapters.mixture``): every part registered, mixable (from their
+        configs) and the mixture's rank within the adapter pool, else it would wait for rows that never free."""
+        try:
+            parts = parse_mixture_key(adapter)
+            if parts is not None:
+                check_parts(parts)
+        except MixtureError as exc:
+            raise RequestError(str(exc)) from None
+        names = [adapter] if parts is None else [p.name for p in parts]
+        folders = [(name, self._folder(name, parts is not None)) for name in names]
+        if parts is None:
+            return
+        try:
+            rows = self.mixture_checks.rows(folders)
+        except (AdapterError, OSError) as exc:
+            raise RequestError(f"cannot mix these adapters: {exc}") from None
+        if rows > self.model.pool_rows:
+            raise RequestError(f"the mixture has rank {rows}; the adapter pool holds {self.model.pool_rows} rank rows "
+                               "in all (--adapter-cache-bytes)")  # fmt: skip
+
+    def _folder(self, name: str, in_mixture: bool) -> Path:
+        try:
+            return self.adapter_path(name)
+        except KeyError:
+            raise UnknownAdapterError(f"unknown adapter {name!r}" + (" in the mixture" if in_mixture else "")) from None
 
     def _read_adapter(self, name: str) -> AdapterWeights:
-        """Read adapter ``name`` from disk (loader thread). A read that fails because the adapter was deleted
-        meanwhile (its folder moved away under the reader) raises the registry's KeyError, so its requests end as
-        ADAPTER_DELETED (404), not as a load failure (503)."""
+        """Read adapter ``name`` from disk (loader thread), or a mixture key's parts, combined by ``cat_adapters``.
+        A read that fails because the adapter (a part) was deleted meanwhile (its folder moved away under the reader)
+        raises the registry's KeyError, so its requests end as ADAPTER_DELETED (404), not as a load failure (503)."""
+        if self.merge is not None and parse_correction_key(name) is not None:
+            return self.merge.read_correction(name)  # the correction of rows beside a merged adapter
+        parts = parse_mixture_key(name)
+        if parts is None:
+            return self._read_one(name)
+        with self.mixtures.reading(name, parts):
+            weights = cat_adapters([(self._read_one(p.name), p.weight) for p in parts])
+        return weights.pin_memory() if self.model.device.type == "cuda" else weights
+
+    def _read_one(self, name: str) -> AdapterWeights:
         folder = self.adapter_path(name)  # KeyError once deleted
         try:
             return self.model.read_adapter(folder)
@@ -203,11 +256,20 @@ class Engine:
             self.adapter_path(name)
             raise
 
+    def _has_copy(self, name: str) -> bool:
+        """Whether a read of ``name`` is held by the prefetcher or the slot cache. Prefetch state first: a read taken
+        from the prefetcher is installed under the slot cache's lock, which ``tier`` waits for."""
+        return self.prefetcher.state(name) != "absent" or self.slot_cache.tier(name) != "disk"
+
     def forget_adapter(self, name: str) -> None:
-        """The adapter was deleted: drop its host copies; its slot is cleared once running requests release it."""
-        self.prefetcher.forget(name)
-        self.slot_cache.invalidate(name)
+        """The adapter was deleted: drop its host copies, and those of every mixture made from it; a slot is cleared
+        once running requests release it."""
+        for key in [name, *self.mixtures.containing(name)]:
+            self.prefetcher.forget(key)
+            self.slot_cache.invalidate(key)
         self.prefix_keys.forget(name)  # a new upload under this name must not reuse the deleted one's KV blocks
+        if self.merge is not None:
+            self.merge.forget(name)
 
     # ---- read-only views (any thread), for /ready, metrics and the adapter API ----------------------------------
     @property
@@ -244,6 +306,8 @@ class Engine:
             preemptions=self.preemptions,
             adapter_pool_bytes_used=pool.bytes_used,
             adapter_pool_bytes_total=pool.bytes_total,
+            dominant_merges=self.merge.stats.merges if self.merge is not None else 0,
+            dominant_unmerges=self.merge.stats.unmerges if self.merge is not None else 0,
         )
 
     def adapter_tier(self, name: str) -> str:
@@ -260,12 +324,12 @@ class Engine:
         self._take_new_requests()
         plan = self.scheduler.schedule()
         self.preemptions += len(plan.preempted)
-        self._make_adapters_resident(plan)
+        slot_of = self._make_adapters_resident(plan)
         self.outputs.finish_aborted(plan.aborted)
         self._observe(plan)
         if not plan.scheduled:
             return 0
-        chunks, copies, needing = self._prepare(plan.scheduled)
+        chunks, copies, needing = self._prepare(plan.scheduled, slot_of)
         try:
             logits = self.runner.run(chunks, copies)
             prompt_logprobs = self._prompt_logprobs(plan.scheduled, chunks, logits.positions)
@@ -286,11 +350,18 @@ class Engine:
             self.outputs.add(live)
             self.scheduler.add(live.request)
 
-    def _make_adapters_resident(self, plan: SchedulerOutput) -> None:
-        """Write the adapters admission reserved into their slots; a failed write fails the requests that needed it."""
-        failed = self.slot_cache.make_resident()
+    def _make_adapters_resident(self, plan: SchedulerOutput) -> dict[int, int]:
+        """Write the adapters admission reserved into their slots; a failed write fails the requests that needed it.
+        With ``merge_dominant`` the merge controller first merges or unmerges: returns its slot remap (a request's
+        slot -> the slot its tokens use; empty: none)."""
+        slot_of: dict[int, int] = {}
+        if self.merge is not None:
+            slot_of, failed = self.merge.before_step(plan.scheduled, self.scheduler.waiting)
+        else:
+            failed = self.slot_cache.make_resident()
         if failed:
             self.scheduler.drop_failed_loads(plan, failed)
+        return slot_of
 
     def _observe(self, plan: SchedulerOutput) -> None:
         for observe in self.on_step:
@@ -298,10 +369,11 @@ class Engine:
 
     @staticmethod
     def _prepare(
-        scheduled: Seq[ScheduledRequest],
+        scheduled: Seq[ScheduledRequest], slot_of: dict[int, int]
     ) -> tuple[list[SequenceChunk], list[tuple[int, int]], list[EngineRequest]]:
-        """The model runner's chunks for this step, the KV block copies to make first (forked sequences), and the
-        requests whose prompt is complete (they get a token, or, scoring only, finish)."""
+        """The model runner's chunks for this step (each on its request's slot, or what ``slot_of`` maps it to), the
+        KV block copies to make first (forked sequences), and the requests whose prompt is complete (they get a
+        token, or, scoring only, finish)."""
         chunks = []
         copies: list[tuple[int, int]] = []
         needing = []
@@ -312,7 +384,7 @@ class Engine:
             end = start + item.num_tokens
             last = end == req.num_tokens
             chunks.append(SequenceChunk(
-                req.block_table, req.slot, req.token_slice(start, end), start,
+                req.block_table, slot_of.get(req.slot, req.slot), req.token_slice(start, end), start,
                 needs_logits=last and req.params.max_new_tokens > 0,
                 all_logits=_scores_prompt(req, end),
             ))  # fmt: skip
@@ -367,6 +439,8 @@ class Engine:
     def shutdown(self, timeout: float = 30.0) -> None:
         self.engine_loop.shutdown(timeout)
         self.prefetcher.close()
+        if self.merge is not None:
+            self.merge.close()
 
     @property
     def running(self) -> bool:

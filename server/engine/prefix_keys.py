@@ -4,6 +4,10 @@ Requests on the base model share one namespace. An adapter gets a namespace of i
 base model's; see ``server.adapters.kv_sharing``), except one proven not to change any layer's K/V, which shares
 the base model's. A namespace is fixed per adapter *upload*: ``forget`` (the adapter was deleted) makes the next
 upload under the same name start a fresh one, so its requests never read blocks the deleted weights computed.
+
+A weighted mixture (``server.adapters.mixture``) gets the namespace made of its parts' namespaces and weights: it
+shares KV with no other mixture or adapter (except the base model's, when every part does: a mixture adapts exactly
+its parts' modules), and a new upload of a part starts fresh.
 """
 
 import itertools
@@ -12,6 +16,7 @@ from pathlib import Path
 
 from server.adapters.archive import CONFIG_FILE
 from server.adapters.kv_sharing import shares_base_kv
+from server.adapters.mixture import parse_mixture_key
 from server.adapters.peft_config import parse_lora_config
 from server.model.lora_model import LoraModel
 
@@ -31,6 +36,12 @@ class PrefixKeys:
         """The namespace of requests on ``adapter`` (None: the base model)."""
         if adapter is None:
             return BASE_KEY
+        parts = parse_mixture_key(adapter)
+        if parts is not None:  # derived anew each time from the parts' (cached) namespaces: nothing to forget
+            spaces = tuple(self.of(p.name) for p in parts)
+            if all(space == BASE_KEY for space in spaces):
+                return BASE_KEY
+            return ("mixture", tuple(zip(spaces, (p.weight for p in parts), strict=True)))
         key = self._keys.get(adapter)
         if key is None:
             key = BASE_KEY if self._shares_base(adapter) else ("adapter", adapter, next(self._uploads))

@@ -51,3 +51,5 @@ class MemoryStats:
     preemptions: int  # running requests preempted for lack of KV blocks (counter)
     adapter_pool_bytes_used: int  # adapter weights resident on the accelerator
     adapter_pool_bytes_total: int  # the adapter pool's budget
+    dominant_merges: int = 0  # --merge-dominant: adapters folded into the base weights (counter)
+    dominant_unmerges: int = 0  # ... and unfolded again (counter)

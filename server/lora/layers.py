@@ -9,6 +9,7 @@ from torch import nn
 from server.kernels.protocol import LoraOp, LoraWeights
 from server.kernels.slots import BASE_SLOT
 from server.lora.context import LoraContext
+from server.lora.dora import apply_dora, dora_factor
 
 
 class BatchedLoraLinear(nn.Module):
@@ -20,18 +21,33 @@ class BatchedLoraLinear(nn.Module):
     ``N`` rank rows are shared by all ``S`` slots, each adapter at its own rank (the slot cache places it at the
     same offset in every layer); row ``N`` stays zero (``LoraWeights.zero_row``). ``weights`` hands the pool to the
     op as one object, with each slot's offset and true rank for this layer (host ints) and per-slot views.
+
+    A DoRA adapter takes one row more, past its largest rank, whose B row holds ``g - 1`` (``server.lora.dora``):
+    zero in layers it does not adapt, and its A row zero; no op reads it (the op's ranks stop before it). After the
+    LoRA add, the step's DoRA tokens are rescaled with it. ``weight_norms_sq`` ([out] float64, ``||W_i||^2``, taken
+    by the model from the dense base weight before packing) is what the DoRA norms need from the base.
     """
 
     lora_a: torch.Tensor
     lora_b: torch.Tensor
     scales: torch.Tensor
 
-    def __init__(self, base: nn.Linear, num_slots: int, pool_rows: int, context: LoraContext, op: LoraOp[Any]) -> None:
+    def __init__(
+        self,
+        base: nn.Linear,
+        num_slots: int,
+        pool_rows: int,
+        context: LoraContext,
+        op: LoraOp[Any],
+        weight_norms_sq: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         self.base = base
         self.context = context
         self.op = op
-        dtype, device = base.weight.dtype, base.weight.device
+        # dtype: the pool's (the model's compute dtype; a quantized base's weight has another)
+        dtype, device = dtype or base.weight.dtype, base.weight.device
         rows = pool_rows + 1  # + the zero row
         # On the CPU the pool is left unwritten (torch.empty): zeros would make every page resident at startup, while
         # untouched pages cost no memory until an adapter is written there. No op reads a row outside a resident
@@ -44,6 +60,9 @@ class BatchedLoraLinear(nn.Module):
         self.register_buffer("scales", torch.zeros(num_slots + 1, dtype=dtype, device=device))
         self.weights = LoraWeights(self.lora_a, self.lora_b, self.scales)
         self.num_slots = num_slots
+        self.weight_norms_sq = weight_norms_sq
+        self.dora_rows: dict[int, int] = {}  # DoRA slot -> its pool row of g - 1 (every DoRA slot, adapted here or not)
+        self.dora_slots: set[int] = set()  # the DoRA slots this layer adapts (g - 1 not all zero)
 
     @property
     def in_features(self) -> int:
@@ -73,6 +92,8 @@ class BatchedLoraLinear(nn.Module):
         if x2.shape[0] != step.num_tokens:
             raise RuntimeError(f"LoRA mapping covers {step.num_tokens} tokens but the layer got {x2.shape[0]}")
         self.op.add(y2, x2, self.weights, step.meta)
+        if step.dora is not None and not self.dora_slots.isdisjoint(step.dora.slots):
+            apply_dora(y2, self.base.bias, self.lora_b, step.dora)
         return y
 
     @torch.no_grad()
@@ -91,11 +112,53 @@ class BatchedLoraLinear(nn.Module):
         self.lora_b[offset : offset + r].copy_(b.T, non_blocking=True)
         self.scales[slot] = scale
         self.weights.set(slot, offset, r, scale)
+        self._forget_dora(slot)
+
+    @torch.no_grad()
+    def write_dora(self, slot: int, row: int, magnitude: torch.Tensor | None) -> None:
+        """Make ``slot`` a DoRA slot in this layer, its ``g - 1`` in pool row ``row`` (past its LoRA rows).
+
+        magnitude: [out] (PEFT lora_magnitude_vector) for the adapter's weights written in this layer by
+        ``write_slot`` just before; None when the adapter does not adapt this layer (g - 1 = 0 here).
+        """
+        self._check_slot(slot)
+        if not 0 <= row < self.pool_rows:
+            raise ValueError(f"DoRA row {row} of slot {slot} is outside the pool of {self.pool_rows}")
+        view = self.weights.of[slot]
+        if magnitude is not None and view is None:
+            raise ValueError(f"slot {slot} has no LoRA weights in this layer to take a DoRA magnitude")
+        self.lora_a[row].zero_()
+        if magnitude is None or view is None:
+            self.lora_b[row].zero_()
+            self.dora_slots.discard(slot)
+        else:
+            if self.weight_norms_sq is None:
+                raise ValueError("this layer was built without the base weight's row norms that DoRA needs")
+            a_t, b_rows, scale = view  # a_t [in, r], b_rows [r, out]: the rows just written
+            factor = dora_factor(self.base, self.weight_norms_sq, a_t.T, b_rows.T, scale, magnitude)
+            self.lora_b[row].copy_(factor)
+            self.dora_slots.add(slot)
+        self.dora_rows[slot] = row
+
+    @torch.no_grad()
+    def move_dora(self, slot: int, row: int) -> None:
+        """Move ``slot``'s DoRA row to ``row`` (compaction; after ``move_slot`` moved its LoRA rows)."""
+        old = self.dora_rows.get(slot)
+        if old is None or old == row:
+            return
+        self.lora_a[row].zero_()
+        self.lora_b[row].copy_(self.lora_b[old])
+        self.dora_rows[slot] = row
+
+    def _forget_dora(self, slot: int) -> None:
+        self.dora_rows.pop(slot, None)
+        self.dora_slots.discard(slot)
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
         """Empty ``slot`` in this layer: rank 0 and scale 0, so no op reads its rows (they are left as they are)."""
         self._check_slot(slot)
+        self._forget_dora(slot)
         if self.weights.ranks[slot] == 0:
             return  # already empty
         self.scales[slot] = 0.0

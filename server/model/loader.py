@@ -1,10 +1,17 @@
-"""Loading a frozen Hugging Face causal LM from a local folder; device and dtype chosen once."""
+"""Loading a frozen Hugging Face causal LM from a local folder; device, dtype and stored form chosen once."""
 
+import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from server.model.quantize import quantization_config, stored_bytes
+
+log = logging.getLogger(__name__)
 
 # Families whose decoder layers name their projections q/k/v/o_proj and gate/up/down_proj, tested here.
 TESTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
@@ -33,9 +40,13 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         raise ValueError(f"unsupported dtype {dtype!r}; use auto, {', '.join(_DTYPES)}") from None
 
 
-def load_base_model(path: str | os.PathLike[str], device: str = "auto", dtype: str = "auto") -> PreTrainedModel:
+def load_base_model(
+    path: str | os.PathLike[str], device: str = "auto", dtype: str = "auto", quantize: str = "none"
+) -> PreTrainedModel:
     """Load the causal LM in the local HF folder ``path``, frozen (eval mode, no gradients), on ``device``.
 
+    quantize: ``none``, or ``int8``/``nf4``: the decoder's linears stored quantized, computing in ``dtype``
+    (server/model/quantize.py), each weight quantized as it is read, so the float model is never built whole.
     Never downloads anything: the folder must hold the config and weights.
     """
     folder = Path(path)
@@ -44,11 +55,50 @@ def load_base_model(path: str | os.PathLike[str], device: str = "auto", dtype: s
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    if quantize != "none":
+        return _load_quantized(folder, config, torch_device, torch_dtype, quantize)
     model = AutoModelForCausalLM.from_pretrained(
         folder, config=config, dtype=torch_dtype, local_files_only=True, device_map=None
     )
     # transformers wraps PreTrainedModel.to with functools.wraps, whose stub loses the bound `self`.
     model.to(torch_device)  # type: ignore[arg-type]
+    return _frozen(model)
+
+
+def _load_quantized(
+    folder: Path, config: Any, device: torch.device, dtype: torch.dtype, quantize: str
+) -> PreTrainedModel:
+    if getattr(config, "quantization_config", None) is not None:
+        raise ValueError(
+            f"{str(folder)!r} holds an already quantized model (quantization_config in its config.json); "
+            f"quantize={quantize} quantizes a float checkpoint as it loads it"
+        )
+    # The quantizers place each weight as they quantize it (a quantized model cannot be moved with .to afterwards).
+    model = AutoModelForCausalLM.from_pretrained(
+        folder,
+        config=config,
+        dtype=dtype,
+        local_files_only=True,
+        device_map={"": str(device)},
+        quantization_config=quantization_config(quantize, dtype),
+    )
+    if device.type == "cpu":
+        _own_float_weights(model)
+    log.info("base model linears stored as %s: %.1f MiB of weights", quantize, stored_bytes(model) / 2**20)
+    return _frozen(model)
+
+
+@torch.no_grad()
+def _own_float_weights(model: PreTrainedModel) -> None:
+    """Copy the weights left in float (embeddings, norms, output head) out of the safetensors file mapping they were
+    read into, so the mapping closes: quantizing read every float weight of the file, and its pages would otherwise
+    stay in the process's resident memory as long as any tensor views the file (docs/benchmarks.md)."""
+    for param in model.parameters():
+        if type(param) is nn.Parameter:  # quantized weights are subclasses, in memory of their own already
+            param.data = param.data.clone()
+
+
+def _frozen(model: PreTrainedModel) -> PreTrainedModel:
     model.eval()
     model.requires_grad_(False)
     return model

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from server.model.quantize import is_quantized
+
 log = logging.getLogger(__name__)
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
@@ -80,6 +82,12 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """W [out, in] (float32 or bfloat16) -> the opaque oneDNN tensor ``PackedLinear.packed`` holds (``to_dense()``
+    gives W back). For code that rewrites a frozen weight (``server.model.merge``)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, None)
+
+
 def padded_rows(rows: int) -> int:
     """The bucket ``rows`` is padded to: itself up to 4, else the next multiple of a quarter of the largest power of
     2 not above it (4 buckets per doubling)."""
@@ -121,13 +129,18 @@ def packing_works(dtype: torch.dtype) -> bool:
 
 
 def pack_linears(model: PreTrainedModel) -> int:
-    """Replace every ``nn.Linear`` of a CPU ``model`` (output head included) by a ``PackedLinear``.
+    """Replace every float ``nn.Linear`` of a CPU ``model`` (output head included) by a ``PackedLinear``.
 
     Returns how many were replaced: 0 on other devices, for dtypes oneDNN cannot pack here, and on a second call.
+    Linears stored quantized (``--quantize``) keep their library's kernels: oneDNN packs float weights only.
     """
     if model.device.type != "cpu" or not packing_works(model.dtype):
         return 0
-    targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and m.weight.dtype == model.dtype]
+    targets = [
+        (name, m)
+        for name, m in model.named_modules()
+        if type(m) is nn.Linear and m.weight.dtype == model.dtype and not is_quantized(m)
+    ]
     padding = RowPadding()
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")

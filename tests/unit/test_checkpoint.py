@@ -67,7 +67,7 @@ REFUSALS: dict[str, tuple[Callable[[Path], None], type[Exception], str]] = {
     "no config": (lambda f: (f / CONFIG_FILE).unlink(), AdapterFormatError, CONFIG_FILE),
     "no weights": (lambda f: (f / WEIGHTS_FILE).unlink(), AdapterFormatError, WEIGHTS_FILE),
     "not safetensors": (lambda f: (f / WEIGHTS_FILE).write_bytes(b"garbage"), AdapterFormatError, "safetensors"),
-    "dora": (lambda f: _edit_config(f, use_dora=True), UnsupportedAdapterError, "use_dora"),
+    "dora without magnitudes": (lambda f: _edit_config(f, use_dora=True), AdapterFormatError, "lora_magnitude_vector"),
     "bias": (lambda f: _edit_config(f, bias="lora_only"), UnsupportedAdapterError, "bias"),
     "modules_to_save": (
         lambda f: _edit_config(f, modules_to_save=["lm_head"]),

@@ -12,6 +12,7 @@ from server.engine.stats import FinishedRecord
 from server.metrics import (
     BASE_LABEL,
     DELETED_LABEL,
+    MIXTURE_LABEL,
     OTHER_LABEL,
     RESERVED_LABELS,
     UNKNOWN_LABEL,
@@ -38,7 +39,7 @@ def adapter_labels_exposed(metrics: ServerMetrics) -> set[str]:
 
 
 def test_reserved_labels_can_never_be_adapter_names() -> None:
-    assert {BASE_LABEL, OTHER_LABEL, UNKNOWN_LABEL, DELETED_LABEL} == RESERVED_LABELS
+    assert {BASE_LABEL, OTHER_LABEL, UNKNOWN_LABEL, DELETED_LABEL, MIXTURE_LABEL} == RESERVED_LABELS
     for label in RESERVED_LABELS:
         with pytest.raises(InvalidAdapterName):
             check_name(label)

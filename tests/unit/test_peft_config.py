@@ -277,7 +277,7 @@ def _base_config() -> dict:
 
 _NAN, _INF = float("nan"), float("inf")
 UNSUPPORTED = [
-    ("use_dora", True),
+    ("use_dora", "yes"),  # true and false are served
     ("bias", "all"),
     ("bias", "lora_only"),
     ("modules_to_save", ["lm_head"]),
@@ -396,3 +396,49 @@ def test_refusal_messages_name_the_value() -> None:
         parse_lora_config(_base_config() | {"bias": "all"})
     with pytest.raises(AdapterFormatError, match=r"lora_alpha=nan"):
         parse_lora_config(_base_config() | {"lora_alpha": math.nan})
+
+
+def _saved(config: object) -> dict:
+    with tempfile.TemporaryDirectory() as folder:
+        config.save_pretrained(folder)  # type: ignore[attr-defined]
+        return json.loads((Path(folder) / "adapter_config.json").read_text())
+
+
+def _still_refused() -> list[tuple[str, dict, str]]:
+    """(kind, the config peft saves for it, what the refusal must say): each kind served neither as LoRA nor AdaLoRA."""
+    import peft
+
+    t = ["q_proj", "v_proj"]
+    others = {
+        "LOHA": peft.LoHaConfig(target_modules=t),
+        "LOKR": peft.LoKrConfig(target_modules=t),
+        "IA3": peft.IA3Config(target_modules=t, feedforward_modules=[]),
+        "OFT": peft.OFTConfig(target_modules=t, r=4, oft_block_size=0),
+        "BOFT": peft.BOFTConfig(target_modules=t, boft_block_size=4),
+        "VERA": peft.VeraConfig(target_modules=t),
+        "FOURIERFT": peft.FourierFTConfig(target_modules=t),
+        "PROMPT_TUNING": peft.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
+    }
+    served = "served kinds: LoRA"
+    cases = [(kind, _saved(c), f"peft_type='{kind}' is not served; {served}") for kind, c in others.items()]
+    ada = _saved(peft.AdaLoraConfig(init_r=4, total_step=10, target_modules=t))
+    cases += [
+        ("LoRA modules_to_save", _base_config() | {"modules_to_save": ["lm_head"]}, "modules_to_save=['lm_head']"),
+        ("AdaLoRA modules_to_save", ada | {"modules_to_save": ["lm_head"]}, "modules_to_save=['lm_head']"),
+        ("AdaLoRA rslora", ada | {"use_rslora": True}, "use_rslora=True is not applied by peft's AdaLoRA"),
+    ]
+    for init in ("pissa", "pissa_niter_16", "olora", "loftq", "corda", "lora_ga"):  # they rewrite the base weights
+        cases.append((f"init {init}", _base_config() | {"init_lora_weights": init}, f"init_lora_weights='{init}'"))
+    return cases
+
+
+STILL_REFUSED = _still_refused()
+
+
+@pytest.mark.parametrize(("kind", "config", "message"), STILL_REFUSED, ids=[k for k, _, _ in STILL_REFUSED])
+def test_kinds_still_refused_say_what_and_why(kind: str, config: dict, message: str) -> None:
+    with pytest.raises((AdapterFormatError, UnsupportedAdapterError)) as info:
+        parse_lora_config(json.dumps(config))
+    assert message in str(info.value)
+    if "init_lora_weights" in message:
+        assert "leaves the base weights untouched" in str(info.value)
