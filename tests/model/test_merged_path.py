@@ -14,6 +14,7 @@ from torch import nn
 from loadtests.common.lora_rows import lora_logits, row_mapping
 from loadtests.common.peft_reference import PeftReference
 from server.adapters.checkpoint import AdapterWeights
+from server.adapters.mixture import cat_adapters
 from server.engine.merge_control import MergeController
 from server.engine.merge_policy import MergePolicyConfig
 from server.engine.sampling_params import SamplingParams
@@ -74,6 +75,26 @@ def test_a_mixed_batch_on_merged_weights_matches_peft_unmerged(
     unmerge_adapter(model, merged)
     place(model, dict(enumerate(weights, start=1)))
     assert torch.equal(lora_logits(model, input_ids, row_mapping(unmerged_slots, 10)), before)  # restored exactly
+
+
+def test_mixture_rows_beside_a_merged_part_match_peft_cat(tiny_model_dir, tiny_adapters, reference) -> None:
+    """A weighted mixture (PEFT's add_weighted_adapter "cat") is a plain LoRA adapter to the correction, even with the
+    merged adapter as one of its parts."""
+    folders = tiny_adapters("llama")
+    model = LoraModel(load_base_model(tiny_model_dir("llama")), num_slots=4, max_rank=64, op="reference")
+    weights = [model.read_adapter(folder) for folder in folders]
+    if "mix23" not in reference.names:
+        reference.model.add_weighted_adapter(["adapter2", "adapter3"], [0.7, -0.3], "mix23", combination_type="cat")
+        reference.names.append("mix23")
+    mixture = cat_adapters([(weights[2], 0.7), (weights[3], -0.3)])
+    merged = merge_adapter(model, weights[2])
+    place(model, {1: correction_weights(mixture, weights[2]), 2: correction_weights(None, weights[2])})
+    mix = reference.names.index("mix23")
+    row_adapters: list[int | None] = [2, mix, None, mix]
+    input_ids = torch.randint(5, model.model.config.vocab_size, (4, 9), generator=torch.Generator().manual_seed(3))
+    ours = lora_logits(model, input_ids, row_mapping([BASE_SLOT, 1, 2, 1], 9))
+    unmerge_adapter(model, merged)
+    torch.testing.assert_close(ours, reference.rows(input_ids, row_adapters), atol=ATOL, rtol=0)
 
 
 def place(model: LoraModel, slots: dict[int, AdapterWeights]) -> None:
