@@ -12,7 +12,9 @@ interleaved step by step (one step of each in turn, the order rotating), each ti
 shared machine's drift (tens of percent over minutes, see docs/benchmarks.md) then hits all three alike, where whole
 runs one after the other differ by more than the effect. Work on the engines' background threads (adapter reads, the
 merge's weight packing: about 1 s of one core) is in no step's time and slows the others' steps as much as its own.
-``--rounds`` repeats the whole run.
+``--rounds`` repeats the whole run. Then a decode-step replay (``--replay-iterations``, 0 for none): one decode step
+of ``--batch`` rows, the dominant adapter's share of them as in the trace, run the three ways back to back through one
+``ModelRunner`` (merge swapped in and out around its call), many times, order rotating: best and median per variant.
 Prints tokens/s side by side, the ratios, the merge counters and the merge/unmerge time, and how many requests got the
 same greedy tokens merged as unmerged (float32: expected all; bfloat16 rounding may flip near-ties).
 
@@ -37,11 +39,13 @@ from loadtests.bench_engine import Req
 from loadtests.common.factories import save_peft_adapters
 from server.engine.engine import Engine, EngineConfig
 from server.engine.merge_policy import MergePolicyConfig
+from server.engine.model_runner import ModelRunner, SequenceChunk
 from server.engine.sampling_params import SamplingParams
+from server.kernels.slots import BASE_SLOT
 from server.model.embedded import ensure_embedded_model
 from server.model.loader import load_base_model
 from server.model.lora_model import LoraModel
-from server.model.merge import merge_adapter, unmerge_adapter
+from server.model.merge import apply_merge, correction_weights, merge_adapter, prepare_merge, unmerge_adapter
 
 CONTENDERS = ("base-only", "unmerged", "merged")
 
@@ -103,6 +107,47 @@ def merge_timing(model: LoraModel, folder: Path, repeats: int = 3) -> tuple[floa
     return min(merges), min(unmerges), held
 
 
+def replay_decode(base_dir: Path, folders: list[Path], rank: int, rows: int, others: int, iterations: int,
+                  context: int = 150) -> dict[str, list[float]]:  # fmt: skip
+    """One decode step of ``rows`` sequences (``others`` of them on other adapters, one each in turn; the rest on
+    adapter 0) run three ways back to back through one ``ModelRunner``, the order rotating: on the base slot, each
+    row on its adapter, and with adapter 0 merged (its rows on the base slot, the others on their corrections; the
+    merge is swapped in and out around the call). Variant -> seconds of each call, the first 4 rounds dropped."""
+    model = LoraModel(load_base_model(base_dir, device="cpu", dtype="float32"), 2 * len(folders), rank,
+                      default_pool_rows=4 * len(folders) * rank)  # fmt: skip
+    weights = [model.read_adapter(folder) for folder in folders]
+    offset = 0
+    for slot, w in enumerate([*weights, *(correction_weights(w, weights[0]) for w in weights[1:])], start=1):
+        model.write_slot(slot, w, offset)  # slots 1..n: the adapters; n+1..: the corrections of adapters 1..n-1
+        offset += model.rows_of(w)
+    prepared = prepare_merge(model, weights[0])
+    blocks = -(-(context + 1) // 16)
+    runner = ModelRunner(model, rows * blocks, 16, blocks * 16, rows, max(rows, 256))
+    rng = random.Random(1)
+    prompts = [[rng.randrange(3, model.model.config.vocab_size) for _ in range(context + 1)] for _ in range(rows)]
+    tables = [list(range(i * blocks, (i + 1) * blocks)) for i in range(rows)]
+    own = [2 + i % (len(folders) - 1) if i < others else 1 for i in range(rows)]
+    for i in range(rows):  # the context, unmerged
+        runner.run([SequenceChunk(tables[i], own[i], prompts[i][:context], 0, needs_logits=True)])
+    remap = {1: BASE_SLOT, **{slot: slot + len(folders) - 1 for slot in range(2, len(folders) + 1)}}
+    variants = {"base-only": [BASE_SLOT] * rows, "unmerged": own, "merged": [remap[s] for s in own]}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    order = list(variants)
+    for i in range(iterations + 4):
+        for name in order:
+            chunks = [SequenceChunk(tables[k], variants[name][k], prompts[k][context:], context, needs_logits=True)
+                      for k in range(rows)]  # fmt: skip
+            merged = apply_merge(model, prepared) if name == "merged" else None
+            start = time.perf_counter()
+            runner.run(chunks)
+            if i >= 4:
+                times[name].append(time.perf_counter() - start)
+            if merged is not None:
+                unmerge_adapter(model, merged)
+        order = order[1:] + order[:1]
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m loadtests.bench_merged", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -116,6 +161,8 @@ def main() -> None:
     parser.add_argument("--patience", type=int, default=16, help="steps of dominance before merging (and back)")
     parser.add_argument("--merge-share", type=float, default=0.75)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--replay-iterations", type=int, default=40,
+                        help="rounds of the decode-step replay (0: none)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -156,6 +203,12 @@ def main() -> None:
                 rounds[name].append(out[name][0])
             same = sum(a == b for a, b in zip(out["merged"][1], out["unmerged"][1], strict=True))
         merge_s, unmerge_s, held = merge_timing(models["merged"], folders[names[0]])
+        del models, engines
+        others_rows = round(args.batch * (1 - args.dominant_share))
+        replay = {}
+        if args.replay_iterations > 0:
+            replay = replay_decode(base_dir, [folders[n] for n in names], args.rank, args.batch, others_rows,
+                                   args.replay_iterations)  # fmt: skip
 
     made = sum(r.new_tokens for r in trace)
     tps = {name: made / min(rounds[name]) for name in CONTENDERS}
@@ -186,11 +239,18 @@ def main() -> None:
         f"{merge_s * 1e3:.0f} ms; unmerge {unmerge_s * 1e3:.2f} ms; {held / 2**20:.0f} MiB held aside while merged"
     )
     print(f"greedy tokens, merged = unmerged: {same} of {len(trace)} requests (last round)")
+    best = {name: min(t) for name, t in replay.items()}
+    if replay:
+        print(f"decode-step replay, {args.batch} rows ({others_rows} on other adapters), {args.replay_iterations} "
+              f"rounds, best / median ms: " + ", ".join(f"{n} {best[n] * 1e3:.1f} / {statistics.median(t) * 1e3:.1f}"
+                                                     for n, t in replay.items()))  # fmt: skip
+        print(f"  throughput ratio (best): merged / base-only = {best['base-only'] / best['merged']:.3f}, unmerged / "
+              f"base-only = {best['base-only'] / best['unmerged']:.3f}")  # fmt: skip
     if args.json:
         figures = {"args": {k: str(v) for k, v in vars(args).items()}, "tokens_per_second": tps, "ratios": ratios,
                    "round_seconds": rounds, "merged_over_base_only_per_round": paired, "merge_stats": stats,
                    "merge_seconds": merge_s, "unmerge_seconds": unmerge_s, "held_bytes": held,
-                   "same_tokens": same}  # fmt: skip
+                   "same_tokens": same, "replay_decode_seconds": replay}  # fmt: skip
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
 
 

@@ -13,7 +13,7 @@ def test_bench_merged_quick(tiny_model_dir, tmp_path: Path) -> None:
     out = tmp_path / "merged.json"
     cmd = [sys.executable, "-m", "loadtests.bench_merged", "--base-model", str(tiny_model_dir("llama")),
            "--requests", "12", "--others", "2", "--rank", "4", "--batch", "6", "--patience", "2", "--threads", "1",
-           "--json", str(out)]  # fmt: skip
+           "--replay-iterations", "2", "--json", str(out)]  # fmt: skip
     subprocess.run(cmd, check=True, cwd=REPO_ROOT, timeout=300, capture_output=True)
     figures = json.loads(out.read_text())
     [stats] = figures["merge_stats"]
@@ -21,3 +21,6 @@ def test_bench_merged_quick(tiny_model_dir, tmp_path: Path) -> None:
     assert figures["same_tokens"] == 12
     assert set(figures["tokens_per_second"]) == {"base-only", "unmerged", "merged"}
     assert all(v > 0 for v in figures["tokens_per_second"].values())
+    assert {name: len(t) for name, t in figures["replay_decode_seconds"].items()} == dict.fromkeys(
+        ("base-only", "unmerged", "merged"), 2
+    )
