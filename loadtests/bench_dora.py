@@ -116,7 +116,7 @@ def main() -> None:
     rounds: list[dict[str, tuple[float, int]]] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        _, names = save_peft_adapters(base_dir, root / "plain", args.adapters, args.rank)
+        names = save_peft_adapters(base_dir, root / "plain", args.adapters, args.rank)[1]  # (PEFT model not kept)
         models = {name: load_base_model(base_dir, device="cpu", dtype="float32") for name in CONTENDERS}
         trace = make_trace(args.requests, args.adapters, args.exponent, models["all-plain"].config.vocab_size,
                            args.seed)  # fmt: skip

@@ -182,3 +182,46 @@ def test_each_step_lists_its_dora_runs_once(setup) -> None:
     step = model.prepare(TokenSlotMapping.build([1] * 20 + [2, 4, 3, 4, 2, 4, 3, 0, 1]))
     assert step.dora.spans == ((0, 20, 8),) and step.dora.slots == {1, 2, 3}
     assert step.dora.tokens.tolist() == [20, 22, 24, 26, 28] and step.dora.rows.tolist() == [80, 160, 80, 160, 8]
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_dora_on_a_quantized_base_matches_peft(method: str, tiny_model_dir, tiny_adapters, tmp_path) -> None:
+    """QLoRA-style: DoRA and plain rows over an NF4 (bitsandbytes) or int8 (torchao) base against PEFT over the same
+    base loaded by transformers with the library's config, where PEFT takes DoRA's norms over the dequantized weight
+    (we take ||W||^2 from it at startup and A W^T from the quantized base's own product). Measured: 8e-7."""
+    from peft import PeftModel
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TorchAoConfig
+
+    model_dir = tiny_model_dir("llama")
+    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    adapters = [save_dora_adapter(base, tmp_path / f"d{i}", seed=300 + i, **DORA_CONFIGS[i]) for i in (0, 1)]
+    adapters.append(tiny_adapters("llama")[0])
+    quantization = (
+        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+        if method == "nf4"
+        else TorchAoConfig(quant_type=Int8WeightOnlyConfig())
+    )
+    peft_base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, device_map="cpu",
+                                                     quantization_config=quantization)  # fmt: skip
+    peft = PeftModel.from_pretrained(peft_base, adapters[0], adapter_name="a0")
+    for i, folder in enumerate(adapters[1:], start=1):
+        peft.load_adapter(folder, adapter_name=f"a{i}")
+    peft.eval()
+    model = LoraModel(load_base_model(model_dir, "cpu", "float32", method), num_slots=3, max_rank=32)
+    for slot, folder in enumerate(adapters, start=1):
+        model.write_slot(slot, model.read_adapter(folder))
+
+    rows: list[int | None] = [0, None, 2, 1, 0]
+    input_ids = _inputs(model.model.config.vocab_size, len(rows), 6, seed=14)
+    expected = []
+    with torch.inference_mode():
+        for i, a in enumerate(rows):
+            if a is None:
+                with peft.disable_adapter():
+                    expected.append(peft(input_ids=input_ids[i : i + 1]).logits)
+            else:
+                peft.set_adapter(f"a{a}")
+                expected.append(peft(input_ids=input_ids[i : i + 1]).logits)
+    mapping = row_mapping([BASE_SLOT if a is None else a + 1 for a in rows], 6)
+    torch.testing.assert_close(lora_logits(model, input_ids, mapping), torch.cat(expected), atol=ATOL, rtol=0)
