@@ -18,6 +18,8 @@ ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 # Must equal the pin in pyproject.toml (tests/tooling/test_deploy_files.py checks it).
 ARG TORCH_VERSION=2.13.0
 ARG DEBIAN_FRONTEND=noninteractive
+# Optional extras of the project: `--build-arg EXTRAS=ray` for replicas on Ray Serve (deploy/ray/, docs/deploy.md).
+ARG EXTRAS=
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -51,7 +53,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY server/ ./server/
 # With a CPU torch already installed, `torch==2.13.0` is satisfied by 2.13.0+cpu and nothing is downloaded again.
-RUN pip install . && rm -rf build ./*.egg-info
+RUN pip install ".${EXTRAS:+[${EXTRAS}]}" && rm -rf build ./*.egg-info
 
 # Demo adapters, registered at boot.
 COPY adapters/ ./adapters/

@@ -7,7 +7,7 @@ from transformers import AutoTokenizer
 
 from server.adapters.checkpoint import CONFIG_FILE
 from server.adapters.errors import AdapterError
-from server.adapters.registry import AdapterRegistry, AdapterSummary, RegistryError, UploadLimits
+from server.adapters.registry import AdapterExists, AdapterRegistry, AdapterSummary, RegistryError, UploadLimits
 from server.config import Settings
 from server.engine.engine import Engine, EngineConfig
 from server.metrics import EngineView, ServerMetrics
@@ -97,9 +97,13 @@ class Service:
         for folder in sorted(p for p in root.iterdir() if (p / CONFIG_FILE).is_file()):
             if folder.name in self.registry:
                 continue
-            try:  # AdapterExists here: an unregistered folder of that name is in the data directory
+            try:
                 self.registry.add_folder(folder.name, folder, source="startup")
                 log.info("registered startup adapter %s", folder.name)
+            except AdapterExists as exc:
+                if folder.name not in self.registry:  # an unregistered folder of that name is in the data directory
+                    log.warning("startup adapter %s refused: %s", folder.name, exc)
+                # else another server on the same data directory (a replica) registered it first
             except (AdapterError, RegistryError) as exc:
                 log.warning("startup adapter %s refused: %s", folder.name, exc)
 

@@ -1,7 +1,7 @@
 """Whose folder is the data directory: the registry writes and removes files only inside a folder it created or
 adopted, so pointing ``--data-dir`` at a folder full of the user's own files can never cost them a file.
 
-The marker ``<data_dir>/.lora-server`` (``{"format": "lora-server data directory", "version": 1}``) says the folder
+The marker ``<data_dir>/.lora-server`` (``{"format": "lora-server data directory", "version": 2}``) says the folder
 is the server's. ``claim_data_dir`` decides at startup, before anything is created, moved or removed:
 
 * missing, or empty (a fresh filesystem's ``lost+found`` aside): created and marked;
@@ -10,6 +10,11 @@ is the server's. ``claim_data_dir`` decides at startup, before anything is creat
   it except ``adapters/``, ``staging/`` and interrupted index writes), or only empty ``adapters/``/``staging/``:
   adopted, i.e. marked, so existing deployments keep working;
 * anything else: refused with ``ForeignDataDir``, nothing touched.
+
+Layout versions: 1 kept the registry in ``index.json``; 2 keeps it in ``registry.db`` (SQLite, shared by several
+server processes). The registry imports a version-1 ``index.json`` and then calls ``upgrade_marker``, so a server that
+reads only version 1 refuses the upgraded folder instead of finding no index. Several processes may claim one folder
+at the same time: every step here is idempotent (the same marker, written atomically).
 """
 
 import json
@@ -25,8 +30,9 @@ _log = logging.getLogger(__name__)
 
 MARKER_FILE = ".lora-server"
 MARKER_FORMAT = "lora-server data directory"
-MARKER_VERSION = 1
-INDEX_FILE = "index.json"
+MARKER_VERSION = 2
+INDEX_FILE = "index.json"  # layout version 1: imported into DB_FILE at startup, then removed
+DB_FILE = "registry.db"
 ADAPTERS_DIR = "adapters"
 STAGING_DIR = "staging"
 # The temp files of an interrupted atomic write: only the server makes names of this shape here.
@@ -54,7 +60,7 @@ def claim_data_dir(root: Path, read_index: Callable[[], object]) -> Claim:
     if root.exists() and not root.is_dir():
         raise ForeignDataDir(f"the data directory {str(root)!r} is not a folder; choose a new or empty folder")
     if not root.exists():
-        root.mkdir(parents=True)
+        root.mkdir(parents=True, exist_ok=True)  # exist_ok: another replica may be creating it right now
         _mark(root)
         return Claim.CREATED
     marker = root / MARKER_FILE
@@ -79,6 +85,13 @@ def claim_data_dir(root: Path, read_index: Callable[[], object]) -> Claim:
         f"marker) and holds: {shown}. The server removes files inside its data directory, so it needs one of its "
         "own: set --data-dir (LORA_SERVER_DATA_DIR) to a new or empty folder; nothing was changed"
     )
+
+
+def upgrade_marker(root: Path) -> None:
+    """Mark ``root`` (claimed already) with this layout version once the registry has upgraded its contents."""
+    if _marker_version(root / MARKER_FILE) != MARKER_VERSION:
+        _mark(root)
+        _log.info("marked %s as data directory layout version %d", root, MARKER_VERSION)
 
 
 def write_json_atomic(path: Path, body: object) -> None:
@@ -112,13 +125,18 @@ def _mark(root: Path) -> None:
     write_json_atomic(root / MARKER_FILE, {"format": MARKER_FORMAT, "version": MARKER_VERSION})
 
 
-def _check_marker(marker: Path) -> None:
+def _marker_version(marker: Path) -> int | None:
     try:
         body = json.loads(marker.read_text(encoding="utf-8"))
         version = body["version"] if isinstance(body, dict) and body.get("format") == MARKER_FORMAT else None
     except (OSError, ValueError, KeyError):
-        version = None
-    if not isinstance(version, int) or isinstance(version, bool):
+        return None
+    return version if isinstance(version, int) and not isinstance(version, bool) else None
+
+
+def _check_marker(marker: Path) -> None:
+    version = _marker_version(marker)
+    if version is None:
         raise ForeignDataDir(
             f"{marker} is not a lora-server marker: if this folder is the server's data directory, restore the "
             f'marker as {{"format": "{MARKER_FORMAT}", "version": {MARKER_VERSION}}}; otherwise choose another folder'

@@ -4,19 +4,44 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from fastapi import FastAPI
 
-from server.api import routes_adapters, routes_generate, routes_openai, routes_vllm
-from server.api.auth import KeyPolicy, require_health_key, require_metrics_key
+from server.api import routes_adapters, routes_generate, routes_openai, routes_ops, routes_vllm
+from server.api.auth import KeyPolicy
 from server.api.body_limit import BodySizeGuard
-from server.api.errors import error_response, install_error_handlers
-from server.api.key_guard import AccessTable, KeyGuard, document_keys
+from server.api.errors import install_error_handlers
+from server.api.key_guard import AccessTable, KeyGuard, Rule, document_keys
+from server.config import Settings
 from server.service import Service
 
 # Multipart framing around the two files of an upload; bodies beyond 2 * max_upload_bytes + this are refused.
 _MULTIPART_OVERHEAD = 1 << 20
+
+
+def include_routes(app: FastAPI) -> None:
+    """Every route of the server's API (the Ray ingress builds its key table from the same list)."""
+    for router in (routes_generate.router, routes_adapters.router, routes_openai.router, routes_vllm.router,
+                   routes_ops.router):  # fmt: skip
+        app.include_router(router)
+
+
+def documentation_paths(app: FastAPI) -> tuple[str | None, ...]:
+    """FastAPI's own documentation routes, which never need a key."""
+    return (app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url)
+
+
+def access_rules() -> list[Rule]:
+    """The key table of the server's routes as plain data (the Ray ingress checks keys with it, without importing
+    the routes, which import the engine and torch)."""
+    app = FastAPI()
+    include_routes(app)
+    return AccessTable.from_routes(app.routes, open_paths=documentation_paths(app)).rules()
+
+
+def request_body_limit(settings: Settings) -> tuple[int, int]:
+    """(largest upload body, largest body of any request): what ``BodySizeGuard`` and ``KeyGuard`` enforce."""
+    max_upload_body = 2 * settings.max_upload_bytes + _MULTIPART_OVERHEAD
+    return max_upload_body, max(max_upload_body, settings.max_request_bytes)
 
 
 def create_app(service: Service) -> FastAPI:
@@ -38,40 +63,13 @@ def create_app(service: Service) -> FastAPI:
     settings = service.settings
     app.state.key_policy = KeyPolicy.from_settings(settings)
     install_error_handlers(app)
-    app.include_router(routes_generate.router)
-    app.include_router(routes_adapters.router)
-    app.include_router(routes_openai.router)
-    app.include_router(routes_vllm.router)
+    include_routes(app)
 
-    @app.get("/health", dependencies=[Depends(require_health_key)])
-    async def health() -> dict[str, str]:
-        """The process is alive."""
-        return {"status": "ok"}
-
-    @app.get(
-        "/ready",
-        dependencies=[Depends(require_health_key)],
-        responses={503: {"description": "model not loaded, engine not running, or draining"}},
-    )
-    async def ready(request: Request) -> JSONResponse:
-        """The model is loaded and the engine loop is running."""
-        if request.app.state.service.ready:
-            return JSONResponse({"status": "ready"})
-        return error_response(503, "unavailable", "the engine is not running")
-
-    @app.get("/metrics", response_class=Response, dependencies=[Depends(require_metrics_key)])
-    async def metrics(request: Request) -> Response:
-        """Prometheus metrics, text exposition format."""
-        body = generate_latest(request.app.state.service.metrics.registry)
-        return Response(body, media_type=CONTENT_TYPE_LATEST)
-
-    max_upload_body = 2 * settings.max_upload_bytes + _MULTIPART_OVERHEAD
+    max_upload_body, largest_body = request_body_limit(settings)
     app.add_middleware(BodySizeGuard, max_upload_bytes=max_upload_body, max_request_bytes=settings.max_request_bytes)
     # Added last, so it runs first: keys are decided from the head, before BodySizeGuard or a parser reads the body.
     # The table is built here, once every route exists; a route that declares no key requirement stops startup.
-    docs = (app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url)
-    app.state.access_table = AccessTable.from_routes(app.routes, open_paths=docs)
-    largest_body = max(max_upload_body, settings.max_request_bytes)
+    app.state.access_table = AccessTable.from_routes(app.routes, open_paths=documentation_paths(app))
     app.add_middleware(KeyGuard, policy=app.state.key_policy, table=app.state.access_table, max_body_bytes=largest_body)
 
     generate_openapi = app.openapi  # FastAPI's, which caches its schema in app.openapi_schema

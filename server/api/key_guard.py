@@ -19,7 +19,7 @@ from typing import Any
 
 import fastapi.routing
 from fastapi.dependencies.models import Dependant
-from starlette.routing import BaseRoute, Match
+from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.api.auth import Access, KeyPolicy, KeyRequirement
@@ -52,6 +52,15 @@ class Entry:
     path: str  # as the OpenAPI schema writes it: /v1/adapters/{name}
     methods: frozenset[str]
     needs: tuple[Access, ...]  # all must hold; usually one
+    pattern: str = ""  # as the route was declared, converters included: /v1/adapters/{name:path}
+
+
+# (route pattern, methods, accesses): a table entry as plain data, for another process (the Ray ingress) to rebuild
+Rule = tuple[str, tuple[str, ...], tuple[str, ...]]
+
+
+def _not_dispatched(*_: object) -> None:  # the endpoint of a rebuilt route: only its ``matches`` is ever used
+    raise AssertionError("a route rebuilt from rules only matches requests")
 
 
 @dataclass(frozen=True)
@@ -73,8 +82,23 @@ class AccessTable:
                 needs = (Access.OPEN,)
             if not needs or path is None:
                 raise ValueError(f"route {path or route!r} declares no key requirement (add a server.api.auth one)")
-            path = getattr(route, "path_format", path)  # without converters ({name:path} -> {name})
-            entries.append(Entry(route, path, frozenset(getattr(route, "methods", None) or ()), needs))
+            shown = getattr(route, "path_format", path)  # without converters ({name:path} -> {name})
+            entries.append(Entry(route, shown, frozenset(getattr(route, "methods", None) or ()), needs, path))
+        return cls(tuple(entries))
+
+    def rules(self) -> list[Rule]:
+        """The table as plain data, which ``from_rules`` turns back into a table that matches the same requests."""
+        return [(e.pattern, tuple(sorted(e.methods)), tuple(a.value for a in e.needs)) for e in self.entries]
+
+    @classmethod
+    def from_rules(cls, rules: Sequence[Rule]) -> "AccessTable":
+        entries = []
+        for pattern, methods, needs in rules:
+            route = Route(pattern, _not_dispatched, methods=list(methods))
+            route.methods = set(methods)  # exactly these: Starlette would add HEAD to a GET route
+            entries.append(
+                Entry(route, route.path_format, frozenset(methods), tuple(Access(a) for a in needs), pattern)
+            )
         return cls(tuple(entries))
 
     def lookup(self, scope: Scope) -> tuple[Access, ...]:

@@ -271,6 +271,20 @@ class Engine:
         if self.merge is not None:
             self.merge.forget(name)
 
+    def preload(self, name: str) -> bool:
+        """Read adapter ``name`` (a name or a mixture key) into the CPU tier ahead of its requests, on the caller's
+        thread (never the engine's); a no-op when a slot or the tier holds it. Raises the registry's KeyError for an
+        unregistered adapter and the reader's errors for a broken one. True when a copy was read and kept."""
+        if self._has_copy(name):
+            return False
+        start = time.perf_counter()
+        weights = self._read_adapter(name)
+        return self.slot_cache.add_host_copy(name, weights, time.perf_counter() - start)
+
+    def drop_preloaded(self, name: str) -> None:
+        """Drop the CPU tier's copy of ``name`` (routing no longer prefers this engine for it); a slot keeps its own."""
+        self.slot_cache.drop_host_copy(name)
+
     # ---- read-only views (any thread), for /ready, metrics and the adapter API ----------------------------------
     @property
     def eos_ids(self) -> frozenset[int]:

@@ -276,6 +276,31 @@ class SlotCache(Generic[W]):
         with self._lock:
             return len(self._live), len(self._host)
 
+    def host_names(self) -> list[str]:
+        """The adapters held in the CPU tier, least recently used first."""
+        with self._lock:
+            return list(self._host)
+
+    def add_host_copy(self, name: str, weights: W, seconds: float = 0.0) -> bool:
+        """Keep ``weights``, read ahead of any request (``seconds`` the read took), as the CPU tier's copy of ``name``
+        unless a slot or the tier has it already; the least recently used copy makes room. False when not kept
+        (held already, or no CPU tier)."""
+        with self._lock:
+            if name in self._live or name in self._host or self._cpu_capacity == 0:
+                return False
+            if len(self._host) >= self._cpu_capacity:
+                self._host.popitem(last=False)
+                self.stats.cpu_evictions += 1
+            self._host[name] = weights
+            self.stats.loads += 1
+            self.stats.load_seconds += seconds
+            return True
+
+    def drop_host_copy(self, name: str) -> None:
+        """Forget the CPU tier's copy of ``name`` (a slot holding it is left alone); unknown names are a no-op."""
+        with self._lock:
+            self._host.pop(name, None)
+
     def invalidate(self, name: str) -> None:
         """``name`` was deleted or replaced on disk: forget every cached copy of it.
 

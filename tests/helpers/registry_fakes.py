@@ -1,17 +1,24 @@
 """Torch-free stand-ins for the registry tests: a fake checkpoint validator, endless and unreadable upload streams,
-PEFT-looking files, zip/tar archive builders, and a user's project folder with a snapshot of every file in it."""
+PEFT-looking files, zip/tar archive builders, a user's project folder with a snapshot of every file in it, the rows
+of a data directory's registry.db, a data directory as a layout-1 server (index.json) left it, and a full disk."""
 
+import errno
 import io
 import json
 import os
+import sqlite3
 import stat
 import tarfile
 import threading
 import zipfile
 from pathlib import Path
 
+import pytest
+
+from server.adapters.data_dir import MARKER_FILE, MARKER_FORMAT
 from server.adapters.errors import AdapterError, AdapterFormatError
 from server.adapters.registry import AdapterRecord, AdapterRegistry, AdapterSummary
+from server.adapters.registry_db import RegistryDB
 
 CONFIG = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
 WEIGHTS = b"\x08\x00\x00\x00\x00\x00\x00\x00{}      " + bytes(range(256)) * 4  # safetensors-looking, never parsed
@@ -77,8 +84,57 @@ def assert_nothing_left(reg: AdapterRegistry, name: str) -> None:
     assert name not in reg
     assert not (reg.data_dir / "adapters" / name).exists()
     assert staging_empty(reg)
-    index = reg.data_dir / "index.json"
-    assert not index.exists() or name not in json.loads(index.read_text())["adapters"]
+    assert name not in db_rows(reg.data_dir)
+
+
+def db_rows(data_dir: Path) -> dict[str, dict[str, object]]:
+    """Every row of ``data_dir/registry.db`` by name, read through a connection of its own (read-only)."""
+    conn = sqlite3.connect(f"file:{data_dir / 'registry.db'}?mode=ro", uri=True)
+    try:
+        conn.row_factory = sqlite3.Row
+        return {row["name"]: dict(row) for row in conn.execute("SELECT * FROM adapters ORDER BY name")}
+    finally:
+        conn.close()
+
+
+def pending_marks(data_dir: Path) -> list[str]:
+    """The adapter folders that still carry the registry's in-flight mark."""
+    return sorted(p.parent.name for p in (data_dir / "adapters").glob("*/.lora-server-pending"))
+
+
+def fail_commits(monkeypatch: pytest.MonkeyPatch, code: int = sqlite3.SQLITE_FULL) -> None:
+    """Make every registry.db COMMIT fail as SQLite reports a full disk (SQLITE_FULL), or with another code."""
+
+    def commit(self: RegistryDB) -> None:
+        e = sqlite3.OperationalError("database or disk is full" if code == sqlite3.SQLITE_FULL else "disk I/O error")
+        e.sqlite_errorcode = code  # type: ignore[attr-defined]
+        raise e
+
+    monkeypatch.setattr(RegistryDB, "_commit", commit)
+
+
+def disk_full(code: str = "ENOSPC") -> OSError:
+    number = getattr(errno, code)
+    return OSError(number, os.strerror(number))
+
+
+def write_layout_1(root: Path, names: list[str], marker: bool = True) -> dict[str, dict[str, object]]:
+    """A data directory as a layout-1 server left it: index.json (the records, returned), adapters/<name>/ and an
+    empty staging/, with the version-1 marker, or without any (``marker=False``: a server before the marker)."""
+    records: dict[str, dict[str, object]] = {}
+    for i, name in enumerate(names):
+        folder = root / "adapters" / name
+        folder.mkdir(parents=True)
+        (folder / "adapter_config.json").write_bytes(config_bytes(r=4 + i))
+        (folder / "adapter_model.safetensors").write_bytes(WEIGHTS)
+        records[name] = {"name": name, "rank": 4 + i, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"],
+                         "size_bytes": len(config_bytes(r=4 + i)) + len(WEIGHTS), "sha256": f"{i:064x}",
+                         "created_at": "2026-01-02T03:04:05Z", "source": "upload"}  # fmt: skip
+    (root / "staging").mkdir(parents=True, exist_ok=True)
+    (root / "index.json").write_text(json.dumps({"version": 1, "adapters": records}))
+    if marker:
+        (root / MARKER_FILE).write_text(json.dumps({"format": MARKER_FORMAT, "version": 1}))
+    return records
 
 
 def make_zip(members: dict[str, bytes], symlinks: dict[str, str] | None = None) -> io.BytesIO:

@@ -2,19 +2,28 @@
 
 The reported case: ``--data-dir .`` in a folder whose ``adapters/`` holds the user's own PEFT saves (and the default
 ``--startup-adapters adapters`` pointing at them) deleted them all, because a missing index.json read as "nothing is
-registered" and every unindexed folder was removed. Torch-free; the CLI's refusal, through a real process, is in
-e2e/test_data_dir_cli.py.
+registered" and every unindexed folder was removed. Also: layout 1 (index.json) is imported into registry.db (layout
+2). Torch-free; the CLI's refusal, through a real process, is in e2e/test_data_dir_cli.py.
 """
 
-import io
 import json
+import sqlite3
 from pathlib import Path
 
 import pytest
 
 from server.adapters.data_dir import MARKER_FILE, MARKER_FORMAT, MARKER_VERSION
 from server.adapters.registry import AdapterRegistry, RegistryError
-from tests.helpers.registry_fakes import WEIGHTS, FakeValidator, add, config_bytes, snapshot, user_project
+from tests.helpers.registry_fakes import (
+    WEIGHTS,
+    FakeValidator,
+    add,
+    config_bytes,
+    db_rows,
+    snapshot,
+    user_project,
+    write_layout_1,
+)
 
 
 def marker(root: Path) -> dict[str, object]:
@@ -31,7 +40,7 @@ def test_user_folders_are_never_deleted(tmp_path: Path, validator: FakeValidator
     with pytest.raises(RegistryError, match="not created by lora-server") as info:
         AdapterRegistry(root, validator)
     assert "--data-dir" in str(info.value) and "nothing was changed" in str(info.value)
-    assert snapshot(root) == before  # no file removed, none added (no marker, no staging/, no index.json)
+    assert snapshot(root) == before  # no file removed, none added (no marker, no staging/, no registry.db)
 
 
 @pytest.mark.parametrize(
@@ -81,8 +90,8 @@ def test_new_or_empty_folder_is_created_and_marked(tmp_path: Path, validator: Fa
         (root / "lost+found").mkdir()
         (root / "lost+found" / "#123").write_bytes(b"fsck found this")
     reg = AdapterRegistry(root, validator)
-    assert marker(root) == {"format": MARKER_FORMAT, "version": MARKER_VERSION}
-    assert json.loads((root / "index.json").read_text()) == {"version": 1, "adapters": {}}
+    assert marker(root) == {"format": MARKER_FORMAT, "version": MARKER_VERSION} and MARKER_VERSION == 2
+    assert db_rows(root) == {} and not (root / "index.json").exists()
     assert (root / "adapters").is_dir() and (root / "staging").is_dir() and len(reg) == 0
     if start == "fresh-volume":
         assert (root / "lost+found" / "#123").read_bytes() == b"fsck found this"
@@ -91,8 +100,8 @@ def test_new_or_empty_folder_is_created_and_marked(tmp_path: Path, validator: Fa
 
 
 def test_marked_folder_keeps_what_it_did_not_make(tmp_path: Path, validator: FakeValidator) -> None:
-    """In its own folder the server removes only its own leftovers (staging/, interrupted index writes); a file the
-    user put beside them, or a folder copied into adapters/, stays."""
+    """In its own folder the server removes only its own leftovers (staging/ of dead processes, interrupted index
+    writes); a file the user put beside them, or a folder copied into adapters/, stays."""
     root = tmp_path / "data"
     add(AdapterRegistry(root, validator), "registered")
     (root / "my-notes.txt").write_text("mine")
@@ -107,25 +116,25 @@ def test_marked_folder_keeps_what_it_did_not_make(tmp_path: Path, validator: Fak
     assert not any((root / "staging").iterdir()) and not list(root.glob(".index-*"))
 
 
-def test_marked_folder_without_index_refuses_rather_than_orphan(tmp_path: Path, validator: FakeValidator) -> None:
-    """A missing index.json never reads as "nothing is registered" while adapter folders are there: the start is
-    refused (the operator restores the index, or moves the folders out), and nothing changes."""
+def test_marked_folder_without_database_refuses_rather_than_orphan(tmp_path: Path, validator: FakeValidator) -> None:
+    """A missing registry.db never reads as "nothing is registered" while adapter folders are there: the start is
+    refused (the operator restores the database, or moves the folders out), and nothing changes."""
     root = tmp_path / "data"
     add(AdapterRegistry(root, validator), "precious")
-    (root / "index.json").unlink()
+    (root / "registry.db").unlink()
     before = snapshot(root)
-    with pytest.raises(RegistryError, match="index.json is missing"):
+    with pytest.raises(RegistryError, match="registry.db is missing"):
         AdapterRegistry(root, validator)
     assert snapshot(root) == before
     assert (root / "adapters" / "precious" / "adapter_model.safetensors").read_bytes() == WEIGHTS
 
 
-def test_marked_folder_without_index_or_adapters_starts_empty(tmp_path: Path, validator: FakeValidator) -> None:
+def test_marked_folder_without_database_or_adapters_starts_empty(tmp_path: Path, validator: FakeValidator) -> None:
     root = tmp_path / "data"
     AdapterRegistry(root, validator)
-    (root / "index.json").unlink()
+    (root / "registry.db").unlink()
     assert len(AdapterRegistry(root, validator)) == 0
-    assert json.loads((root / "index.json").read_text())["adapters"] == {}
+    assert db_rows(root) == {}
 
 
 @pytest.mark.parametrize(
@@ -148,26 +157,69 @@ def test_bad_or_newer_marker_is_refused(tmp_path: Path, validator: FakeValidator
     assert snapshot(root) == before  # not even the staging leftover is removed
 
 
-# ---- data directories written before the marker existed -----------------------------------------------------------
-def legacy_dir(root: Path, validator: FakeValidator) -> Path:
+# ---- layout 1 (index.json), with and without its marker --------------------------------------------------------
+def legacy_dir(root: Path) -> Path:
     """What a server before the marker left: index.json, adapters/, staging/ (with crash leftovers), no marker."""
-    reg = AdapterRegistry(root, validator)
-    add(reg, "alpha")
-    reg.add_files("beta", io.BytesIO(config_bytes(r=4)), io.BytesIO(WEIGHTS))
-    (root / MARKER_FILE).unlink(missing_ok=True)  # (missing_ok: so that this also runs against older code)
+    write_layout_1(root, ["alpha", "beta"], marker=False)
     (root / "staging" / "upload-old" / "adapter").mkdir(parents=True)
     (root / ".index-1.tmp").write_text("{half")
     return root
 
 
-def test_legacy_layout_is_adopted(tmp_path: Path, validator: FakeValidator) -> None:
-    root = legacy_dir(tmp_path / "data", validator)
-    records = json.loads((root / "index.json").read_text())["adapters"]
+@pytest.mark.parametrize("layout", ["marker-v1", "no-marker"])
+def test_layout_1_is_imported_into_the_database(tmp_path: Path, validator: FakeValidator, layout: str) -> None:
+    """index.json's records land in registry.db (each with a uid), index.json goes, and the marker says layout 2, so
+    an older server refuses the folder; the import happens once: a restart keeps the same uids."""
+    root = tmp_path / "data"
+    records = write_layout_1(root, ["alpha", "beta"], marker=layout == "marker-v1")
+    (root / "staging" / "upload-old" / "adapter").mkdir(parents=True)
+    (root / ".index-1.tmp").write_text("{half")
     reg = AdapterRegistry(root, validator)
-    assert marker(root) == {"format": MARKER_FORMAT, "version": MARKER_VERSION}
+    assert marker(root) == {"format": MARKER_FORMAT, "version": 2}
     assert {r.name: r.to_json() for r in reg.list()} == records
-    assert not any((root / "staging").iterdir()) and not list(root.glob(".index-*"))
+    assert not (root / "index.json").exists() and not list(root.glob(".index-*"))
+    assert not any((root / "staging").iterdir())
+    uids = {r.name: r.uid for r in reg.list()}
+    assert len(set(uids.values())) == 2 and all(len(u) == 32 for u in uids.values())
+    assert {r.name: r.uid for r in AdapterRegistry(root, validator).list()} == uids
     assert (reg.path("beta") / "adapter_model.safetensors").read_bytes() == WEIGHTS
+    add(reg, "gamma")
+    assert [r.name for r in AdapterRegistry(root, validator).list()] == ["alpha", "beta", "gamma"]
+
+
+def test_an_index_left_after_its_import_is_never_read_again(tmp_path: Path, validator: FakeValidator) -> None:
+    """A crash between the import's commit and index.json's removal leaves both: the database says the import is
+    done, so the next start removes the file instead of bringing back what was deleted since (here over a folder
+    the user then copied in under that name, which must stay theirs)."""
+    root = tmp_path / "data"
+    write_layout_1(root, ["alpha", "beta"])
+    index = (root / "index.json").read_text()
+    reg = AdapterRegistry(root, validator)
+    reg.delete("alpha")
+    (root / "adapters" / "alpha").mkdir()
+    (root / "adapters" / "alpha" / "adapter_config.json").write_bytes(config_bytes())
+    (root / "index.json").write_text(index)
+    assert [r.name for r in AdapterRegistry(root, validator).list()] == ["beta"]
+    assert not (root / "index.json").exists() and (root / "adapters" / "alpha" / "adapter_config.json").is_file()
+
+
+def test_an_import_that_fails_leaves_layout_1_as_it_was(tmp_path: Path, validator: FakeValidator) -> None:
+    """The import is one transaction: when it cannot commit, the database holds nothing, index.json and the
+    version-1 marker stay, and the next start imports again."""
+    root = tmp_path / "data"
+    records = write_layout_1(root, ["alpha", "beta"])
+    before = (root / "index.json").read_bytes(), (root / MARKER_FILE).read_bytes()
+    with sqlite3.connect(root / "registry.db") as conn:  # a database that refuses the second row's insert
+        conn.execute("CREATE TABLE adapters (name TEXT PRIMARY KEY, uid TEXT, rank INTEGER, alpha REAL, "
+                     "target_modules TEXT, size_bytes INTEGER, sha256 TEXT, created_at TEXT, source TEXT, "
+                     "CHECK (name != 'beta'))")  # fmt: skip
+    with pytest.raises(sqlite3.IntegrityError):
+        AdapterRegistry(root, validator)
+    assert ((root / "index.json").read_bytes(), (root / MARKER_FILE).read_bytes()) == before
+    assert db_rows(root) == {}
+    with sqlite3.connect(root / "registry.db") as conn:
+        conn.execute("DROP TABLE adapters")
+    assert {r.name: r.to_json() for r in AdapterRegistry(root, validator).list()} == records
 
 
 def test_legacy_empty_layout_is_adopted(tmp_path: Path, validator: FakeValidator) -> None:
@@ -179,10 +231,13 @@ def test_legacy_empty_layout_is_adopted(tmp_path: Path, validator: FakeValidator
     assert marker(root)["version"] == MARKER_VERSION
 
 
-def test_legacy_layout_with_malformed_index_is_refused(tmp_path: Path, validator: FakeValidator) -> None:
-    root = legacy_dir(tmp_path / "data", validator)
+@pytest.mark.parametrize("layout", ["marker-v1", "no-marker"])
+def test_layout_1_with_malformed_index_is_refused(tmp_path: Path, validator: FakeValidator, layout: str) -> None:
+    root = legacy_dir(tmp_path / "data")
+    if layout == "marker-v1":
+        (root / MARKER_FILE).write_text(json.dumps({"format": MARKER_FORMAT, "version": 1}))
     (root / "index.json").write_text("{not json")
     before = snapshot(root)
     with pytest.raises(RegistryError, match="malformed"):
         AdapterRegistry(root, validator)
-    assert snapshot(root) == before and not (root / MARKER_FILE).exists()
+    assert snapshot(root) == before and not (root / "registry.db").exists()

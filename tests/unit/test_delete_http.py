@@ -1,15 +1,14 @@
 """DELETE /v1/adapters/{name} and the metrics it touches, over HTTP against an in-process app on the tiny model:
 a full disk answers 507 with nothing changed, and a deleted adapter's series leave /metrics."""
 
-import errno
-import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers.registry_fakes import db_rows, fail_commits, pending_marks
 
 
 @pytest.fixture(scope="module")
@@ -39,17 +38,16 @@ def test_disk_full_during_delete_answers_507_and_changes_nothing(app_and_service
     app, service = app_and_service
     client = TestClient(app)
     data: Path = service.settings.data_dir
-    index_before = (data / "index.json").read_bytes()
+    rows_before = db_rows(data)
     files_before = {p.name: p.read_bytes() for p in (data / "adapters" / "doomed").iterdir()}
-    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(json, "dump", lambda *a, **k: (_ for _ in ()).throw(full))  # the index write hits the disk
+    fail_commits(monkeypatch)  # registry.db's COMMIT: "database or disk is full"
     r = client.delete("/v1/adapters/doomed")
     monkeypatch.undo()
 
     assert r.status_code == 507, r.text
     assert r.json()["error"]["type"] == "insufficient_storage" and "nothing was deleted" in r.json()["error"]["message"]
     assert client.get("/v1/adapters/doomed").status_code == 200
-    assert (data / "index.json").read_bytes() == index_before
+    assert db_rows(data) == rows_before and pending_marks(data) == []
     assert {p.name: p.read_bytes() for p in (data / "adapters" / "doomed").iterdir()} == files_before
     assert not any((data / "staging").iterdir())
 
