@@ -78,6 +78,9 @@ class Settings(BaseSettings):
         description="LoRA kernel: auto = the C kernel on CPU float32 (where it builds), else grouped (also on CUDA, "
         "until the Triton ops, selectable by name, have passed their tests on a GPU)",
     )
+    cpu_threads: int | None = Field(
+        None, ge=1, le=4096, description="threads of the model's CPU math; default: one per core (torch's choice)"
+    )
     packed_weights: bool = Field(
         True, description="CPU: pack the frozen base weights into oneDNN's layout at startup (faster GEMMs)"
     )

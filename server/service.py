@@ -12,7 +12,7 @@ from server.config import Settings
 from server.engine.engine import Engine, EngineConfig
 from server.metrics import EngineView, ServerMetrics
 from server.model.embedded import EMBEDDED_MODEL_ID, ensure_embedded_model
-from server.model.loader import load_base_model
+from server.model.loader import load_base_model, set_cpu_threads
 from server.model.lora_model import LoraModel
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ class Service:
         base_dir = settings.base_model or ensure_embedded_model()
         self.base_model_id = settings.base_model.name if settings.base_model else EMBEDDED_MODEL_ID
         log.info("loading base model %s from %s", self.base_model_id, base_dir)
+        set_cpu_threads(settings.cpu_threads)
         model = load_base_model(base_dir, settings.device, settings.dtype, settings.quantize)
         self.lora_model = LoraModel(
             model,

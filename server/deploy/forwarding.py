@@ -102,9 +102,19 @@ async def call_asgi(
                 )
                 yield ResponseStart(int(message["status"]), headers + extra_headers)
             elif message["type"] == "http.response.body":
-                if chunk := message.get("body", b""):
+                chunk, more = bytearray(message.get("body", b"")), bool(message.get("more_body", False))
+                # Under load the app sends faster than the caller takes: send what is waiting as one chunk, since
+                # each item costs an object transfer between Ray processes.
+                while more and not sent.empty():
+                    following = sent.get_nowait()
+                    if following is None:  # the app returned without ending its body
+                        more = False
+                        break
+                    chunk += following.get("body", b"")
+                    more = bool(following.get("more_body", False))
+                if chunk:
                     yield bytes(chunk)
-                if not message.get("more_body", False):
+                if not more:
                     break
         if not started:  # the app failed without answering (its own error handlers answer every known failure)
             if task.done() and task.exception() is not None:

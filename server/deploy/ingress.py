@@ -11,6 +11,7 @@ checks them again. A replica that dies while it holds a request fails that reque
 started, or, mid-stream, a last Server-Sent Event ``{"error": ...}`` and the end of the stream.
 """
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -19,9 +20,10 @@ from typing import cast
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from ray.exceptions import RayError
+from ray.exceptions import RayError, TaskCancelledError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from starlette.types import Message, Receive, Scope, Send
 
 from server.api.auth import Access, KeyPolicy, require_health_key, require_inference, require_metrics_key
 from server.api.body_limit import BodySizeGuard
@@ -59,8 +61,8 @@ class Ingress:
         self.base_model_id = settings.base_model.name if settings.base_model else EMBEDDED_MODEL_ID
         self._asgi = self._build_app()  # not `app`: Serve's ingress wrapper owns that attribute
 
-    def __serve_build_asgi_app__(self) -> FastAPI:
-        return self._asgi
+    def __serve_build_asgi_app__(self) -> "CancelledReceive":
+        return CancelledReceive(self._asgi)
 
     # ---- the app ---------------------------------------------------------------------------------------------------
     def _build_app(self) -> FastAPI:
@@ -146,6 +148,24 @@ class Ingress:
 
     def _target(self, reports: list[ReplicaReport]) -> int:
         return self.settings.replicas if self.settings.max_replicas is None else len(reports)
+
+
+class CancelledReceive:
+    """Ray Serve's ``receive`` raises ``TaskCancelledError`` where an ASGI server's is cancelled (Starlette's
+    disconnect listener, stopped when a streamed response ends); raised as cancellation again, so the listener stops
+    quietly instead of logging an "unhandled error" per stream."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def cancellable_receive() -> Message:
+            try:
+                return await receive()
+            except TaskCancelledError:
+                raise asyncio.CancelledError from None
+
+        await self.app(scope, cancellable_receive, send)
 
 
 async def _rest(stream: DeploymentResponseGenerator, sse: bool) -> AsyncIterator[bytes]:

@@ -69,6 +69,9 @@ def run(settings: RaySettings) -> int:
     # A server must not phone home (and here nothing outside the package registries is reachable); RAY_USAGE_STATS_
     # ENABLED=1 in the environment turns Ray's usage statistics back on.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray starts its workers at nice 15, below its own daemons; a local instance's workers are the engine replicas,
+    # the work itself (measured: 58 -> 65 tokens/s on the 2-core dev machine with the threads fix below).
+    os.environ.setdefault("RAY_worker_niceness", "0")
     if settings.ray_address is not None:
         ray.init(address=settings.ray_address)
     else:

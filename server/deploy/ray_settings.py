@@ -21,7 +21,10 @@ class RaySettings(Settings):
     replica_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for each engine replica")
     replica_gpus: float = Field(0.0, ge=0, description="GPUs Ray reserves for each engine replica (1: one each)")
     replica_max_ongoing: int | None = Field(
-        None, ge=1, description="requests one replica takes before Ray Serve routes elsewhere; default max_batch_size"
+        None,
+        ge=1,
+        description="requests one replica takes before Ray Serve routes elsewhere; default max_batch_size + max_queue "
+        "(its batch and its queue: past that, requests wait in Serve's router)",
     )
     ingress_replicas: int = Field(1, ge=1, le=64, description="replicas of the HTTP ingress")
     routing: Literal["adapter", "round-robin"] = Field(
@@ -48,11 +51,13 @@ class RaySettings(Settings):
 
     @property
     def max_ongoing(self) -> int:
-        return self.replica_max_ongoing or self.max_batch_size
+        return self.replica_max_ongoing or self.max_batch_size + self.max_queue
 
     def replica_settings(self) -> Settings:
         """What each engine replica runs: the single-server settings, with the Ray fields left out."""
         values = {name: getattr(self, name) for name in Settings.model_fields}
+        if self.cpu_threads is None:  # as many threads as Ray reserved CPUs: others run beside the replica
+            values["cpu_threads"] = max(1, int(self.replica_cpus))
         return Settings.model_construct(**values)  # validated already, as part of this object
 
 

@@ -40,6 +40,13 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         raise ValueError(f"unsupported dtype {dtype!r}; use auto, {', '.join(_DTYPES)}") from None
 
 
+def set_cpu_threads(threads: int | None) -> None:
+    """Threads of torch's CPU math (oneDNN GEMMs, the C LoRA kernel's tile loop); None keeps torch's default, one per
+    core. Ray replicas pass what Ray reserved for them: torch cannot know a process shares the machine."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
 def load_base_model(
     path: str | os.PathLike[str], device: str = "auto", dtype: str = "auto", quantize: str = "none"
 ) -> PreTrainedModel:

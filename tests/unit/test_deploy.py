@@ -82,6 +82,14 @@ def _app(disconnected: asyncio.Event) -> FastAPI:
 
         return StreamingResponse(chunks(), media_type="text/event-stream")
 
+    @app.get("/burst")
+    async def burst() -> StreamingResponse:
+        async def chunks():
+            for i in range(50):  # no await between chunks: they queue up faster than a slow caller takes them
+                yield f"data: {i}\n\n"
+
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+
     @app.get("/boom")
     async def boom() -> None:
         raise RuntimeError("boom")
@@ -130,6 +138,20 @@ def test_a_stream_arrives_chunk_by_chunk_and_closing_it_disconnects_the_app() ->
     assert count == 6 and disconnected
 
 
+def test_chunks_waiting_for_a_slow_caller_are_sent_as_one_without_losing_bytes() -> None:
+    async def run() -> list[ResponseStart | bytes]:
+        items = []
+        async for item in call_asgi(_app(asyncio.Event()), ForwardedRequest("GET", "/burst")):
+            items.append(item)
+            await asyncio.sleep(0.01)  # the caller (a Ray transfer) is slower than the app
+        return items
+
+    start, *body = asyncio.run(run())
+    assert isinstance(start, ResponseStart) and start.status == 200
+    assert b"".join(b for b in body if isinstance(b, bytes)) == "".join(f"data: {i}\n\n" for i in range(50)).encode()
+    assert len(body) < 25, "waiting chunks are coalesced"
+
+
 def test_an_app_error_is_a_500_with_a_json_body() -> None:
     start, *body = _collect(_app(asyncio.Event()), ForwardedRequest("GET", "/boom"))
     assert isinstance(start, ResponseStart) and start.status == 500
@@ -160,6 +182,9 @@ def test_ray_settings_are_checked_before_ray_starts() -> None:
     s = settings_from_args({"replicas": 3, "api_key": "k", "replica_gpus": 1, "device": "cuda"})
     single = s.replica_settings()
     assert not hasattr(single, "replicas") and single.api_key is not None
+    assert single.cpu_threads == 1, "a replica computes with the CPUs Ray reserved for it (replica_cpus: 1)"
+    assert settings_from_args({"replica_cpus": 3.5}).replica_settings().cpu_threads == 3
+    assert settings_from_args({"replica_cpus": 4, "cpu_threads": 2}).replica_settings().cpu_threads == 2
     assert single.api_key.get_secret_value() == "k" and single.device == "cuda"
     with pytest.raises(ValueError, match="unknown setting.*replica_count"):
         settings_from_args({"replica_count": 2})
@@ -169,7 +194,7 @@ def test_ray_settings_are_checked_before_ray_starts() -> None:
         RaySettings(replicas=5, min_replicas=1, max_replicas=4)
     with pytest.raises(ValidationError, match="replica_gpus"):
         RaySettings(device="cuda")
-    assert RaySettings().max_ongoing == RaySettings().max_batch_size
+    assert RaySettings(max_batch_size=16, max_queue=100).max_ongoing == 116
     assert RaySettings(replica_max_ongoing=3).max_ongoing == 3
 
 
