@@ -31,6 +31,7 @@ from server.adapters.mixture_keys import (  # noqa: F401  (re-exported: the mixt
     MIXTURE_PREFIX,
     MixtureError,
     MixturePart,
+    canonical_key,
     check_parts,
     is_mixture_key,
     mixture_key,

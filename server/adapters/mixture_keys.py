@@ -52,6 +52,12 @@ def parse_mixture_key(key: str) -> tuple[MixturePart, ...] | None:
     return tuple(MixturePart(m.group(1), float(m.group(2))) for m in re.finditer(_ITEM, body))
 
 
+def canonical_key(parts: Sequence[MixturePart]) -> str:
+    """The engine's key of a mixture written any way (object or key): its parts checked (MixtureError), then keyed."""
+    check_parts(parts)
+    return mixture_key(parts)
+
+
 def check_parts(parts: Sequence[MixturePart]) -> None:
     """Refuse (MixtureError) what a client may not ask for: no parts or more than MAX_MIXTURE_PARTS, a name twice,
     a weight that is not finite or beyond +-MAX_MIXTURE_WEIGHT."""

@@ -9,9 +9,8 @@ adapter pool) is the engine's check (400)."""
 from server.adapters.mixture import (
     MixtureError,
     MixturePart,
-    check_parts,
+    canonical_key,
     is_mixture_key,
-    mixture_key,
     parse_mixture_key,
 )
 from server.api.errors import ApiError
@@ -72,7 +71,6 @@ def _parse(text: str, field: str) -> str:
 
 def _canonical(parts: list[MixturePart] | tuple[MixturePart, ...], field: str) -> str:
     try:
-        check_parts(parts)
+        return canonical_key(parts)
     except MixtureError as exc:
         raise ApiError(422, "invalid_request", f"{field}: {exc}") from None
-    return mixture_key(parts)

@@ -24,6 +24,7 @@ import socket
 import threading
 from collections.abc import AsyncIterator, Callable
 
+from prometheus_client import generate_latest
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -154,8 +155,6 @@ class EngineReplica:
                 log.warning("could not report to the replica directory", exc_info=True)
 
     def _report(self) -> ReplicaReport:
-        from prometheus_client import generate_latest
-
         engine = self.service.engine
         return ReplicaReport(
             replica_id=self.replica_id,

@@ -89,17 +89,15 @@ class Ingress:
 
     async def ready(self) -> JSONResponse:
         """Ready while at least one engine replica is (each reports every second)."""
-        up, target = await self._counts()
-        body = {"replicas_up": up, "replicas_target": target}
+        up, target = self._counts(await self._reports())
         if up:
-            return JSONResponse({"status": "ready", **body})
-        response = error_response(503, "unavailable", f"no engine replica is ready (0 of {target} up)")
-        return response
+            return JSONResponse({"status": "ready", "replicas_up": up, "replicas_target": target})
+        return error_response(503, "unavailable", f"no engine replica is ready (0 of {target} up)")
 
     async def metrics(self) -> Response:
         """Every replica's metrics, labelled ``replica``, and ``lora_ray_replicas{state="up"|"target"}``."""
         reports = await self._reports()
-        up, target = sum(r.ready for r in reports), self._target(reports)
+        up, target = self._counts(reports)
         texts = {r.replica_id: r.metrics for r in reports}
         body = generate_latest(registry_for(lambda: (texts, up, target)))
         return Response(body, media_type=CONTENT_TYPE_LATEST)
@@ -142,8 +140,8 @@ class Ingress:
             return []
         return reports
 
-    async def _counts(self) -> tuple[int, int]:
-        reports = await self._reports()
+    def _counts(self, reports: list[ReplicaReport]) -> tuple[int, int]:
+        """(replicas up, replicas the deployment asks for)."""
         return sum(r.ready for r in reports), self._target(reports)
 
     def _target(self, reports: list[ReplicaReport]) -> int:

@@ -8,7 +8,7 @@ malformed bodies) get no id and go to any replica; the replica's own validation 
 
 import json
 
-from server.adapters.mixture_keys import MixtureError, MixturePart, check_parts, mixture_key, parse_mixture_key
+from server.adapters.mixture_keys import MixtureError, MixturePart, canonical_key, parse_mixture_key
 
 # The paths whose JSON body names what to generate with, and the field that names it.
 _ADAPTER_FIELD = {
@@ -40,7 +40,7 @@ def routing_id(method: str, path: str, body: bytes, base_model_id: str) -> str |
     if value.startswith("mix:"):
         try:
             parts = parse_mixture_key(value)
-            return _canonical(list(parts or ()))
+            return canonical_key(parts or ())
         except MixtureError:
             return None
     return value
@@ -71,11 +71,6 @@ def _mixture_object(value: dict[str, object]) -> str | None:
             return None
         parts.append(MixturePart(name, float(weight)))
     try:
-        return _canonical(parts)
-    except MixtureError:
+        return canonical_key(parts)
+    except MixtureError:  # the replica answers the request with its 422
         return None
-
-
-def _canonical(parts: list[MixturePart]) -> str:
-    check_parts(parts)  # MixtureError: the replica answers the request with its 422
-    return mixture_key(parts)
