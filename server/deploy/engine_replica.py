@@ -150,7 +150,10 @@ class EngineReplica:
                 with self._uids_lock:
                     seen = list(self._uids)
                 self._sync(seen)
-                self._directory.report.remote(self._report()).result(timeout_s=10)
+                wanted = self._directory.report.remote(self._report()).result(timeout_s=10)
+                if wanted:  # a scrape is waiting (see directory.py: metrics are sent on demand)
+                    metrics = generate_latest(self.service.metrics.registry).decode()
+                    self._directory.put_metrics.remote(self.replica_id, metrics).result(timeout_s=10)
             except Exception:
                 log.warning("could not report to the replica directory", exc_info=True)
 
@@ -166,5 +169,4 @@ class EngineReplica:
             resident=sorted(engine.slot_cache.resident()),
             host_copies=engine.slot_cache.host_names(),
             multiplexed=sorted(self._models),
-            metrics=generate_latest(self.service.metrics.registry).decode(),
         )

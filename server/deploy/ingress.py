@@ -14,6 +14,7 @@ started, or, mid-stream, a last Server-Sent Event ``{"error": ...}`` and the end
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import cast
 
@@ -29,7 +30,7 @@ from server.api.auth import Access, KeyPolicy, require_health_key, require_infer
 from server.api.body_limit import BodySizeGuard
 from server.api.errors import error_response, install_error_handlers
 from server.api.key_guard import AccessTable, KeyGuard, Rule
-from server.deploy.directory import ReplicaReport
+from server.deploy.directory import METRICS_WAIT_S, ReplicaReport
 from server.deploy.forwarding import ForwardedRequest, ResponseStart
 from server.deploy.ray_settings import RaySettings
 from server.deploy.replica_metrics import registry_for
@@ -96,9 +97,8 @@ class Ingress:
 
     async def metrics(self) -> Response:
         """Every replica's metrics, labelled ``replica``, and ``lora_ray_replicas{state="up"|"target"}``."""
-        reports = await self._reports()
+        reports, texts = await self._fresh_metrics()
         up, target = self._counts(reports)
-        texts = {r.replica_id: r.metrics for r in reports}
         body = generate_latest(registry_for(lambda: (texts, up, target)))
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
@@ -139,6 +139,21 @@ class Ingress:
             log.warning("the replica directory did not answer", exc_info=True)
             return []
         return reports
+
+    async def _fresh_metrics(self) -> tuple[list[ReplicaReport], dict[str, str]]:
+        """The live replicas and their metrics, sent after this call began (or the last ones sent, for a replica that
+        did not answer within METRICS_WAIT_S)."""
+        try:
+            since: float = await self.directory.want_metrics.remote()
+            deadline = time.monotonic() + METRICS_WAIT_S
+            while True:
+                reports, texts, fresh = await self.directory.metrics.remote(since)
+                if fresh or time.monotonic() > deadline:
+                    return reports, texts
+                await asyncio.sleep(0.05)
+        except RayError:
+            log.warning("the replica directory did not answer", exc_info=True)
+            return [], {}
 
     def _counts(self, reports: list[ReplicaReport]) -> tuple[int, int]:
         """(replicas up, replicas the deployment asks for)."""

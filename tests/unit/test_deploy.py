@@ -12,6 +12,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
+import server.deploy.directory as directory_module
+from server.deploy.directory import STALE_AFTER_S, ReplicaDirectory, ReplicaReport
 from server.deploy.forwarding import ForwardedRequest, ResponseStart, call_asgi
 from server.deploy.ray_settings import RaySettings, settings_from_args
 from server.deploy.replica_metrics import merge_expositions, registry_for
@@ -221,3 +223,34 @@ def test_the_ingress_and_routing_do_not_import_torch() -> None:
     code = "import sys, server.deploy.ingress, server.deploy.routing; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", "the ingress must not load torch (hundreds of MB per ingress replica)"
+
+
+def _report(replica_id: str) -> ReplicaReport:
+    return ReplicaReport(replica_id, pid=1, node="n", ready=True, running=0, queued=0, resident=[], host_copies=[],
+                         multiplexed=[])  # fmt: skip
+
+
+def test_directory_asks_for_metrics_only_while_a_scrape_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(directory_module.time, "time", lambda: clock[0])
+    directory = ReplicaDirectory()
+    assert directory.report(_report("r1")) is False  # nobody scraped: no metrics rendered
+    assert directory.report(_report("r2")) is False
+    clock[0] += 1
+    since = directory.want_metrics()
+    assert directory.metrics(since) == (directory.snapshot(), {}, False)
+    clock[0] += 1
+    assert directory.report(_report("r1")) is True  # r1 learns of the scrape from its report's answer
+    directory.put_metrics("r1", "m1")
+    assert directory.report(_report("r1")) is False  # sent: not asked again
+    _, texts, fresh = directory.metrics(since)
+    assert (texts, fresh) == ({"r1": "m1"}, False)  # r2 has not answered yet
+    assert directory.report(_report("r2")) is True
+    directory.put_metrics("r2", "m2")
+    assert directory.metrics(since)[1:] == ({"r1": "m1", "r2": "m2"}, True)
+    clock[0] += 1
+    later = directory.want_metrics()
+    assert directory.metrics(later)[1:] == ({"r1": "m1", "r2": "m2"}, False)  # the last ones, until fresh
+    directory.leave("r2")
+    clock[0] += STALE_AFTER_S + 1  # r1 stopped reporting: not live, its metrics gone
+    assert directory.metrics(later) == ([], {}, True)
