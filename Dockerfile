@@ -18,7 +18,8 @@ ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 # Must equal the pin in pyproject.toml (tests/tooling/test_deploy_files.py checks it).
 ARG TORCH_VERSION=2.13.0
 ARG DEBIAN_FRONTEND=noninteractive
-# Optional extras of the project: `--build-arg EXTRAS=ray` for replicas on Ray Serve (deploy/ray/, docs/deploy.md).
+# Optional extras of the project: `--build-arg EXTRAS=ray` for replicas on Ray Serve (deploy/ray/, docs/deploy.md),
+# `EXTRAS=s3` for adapters in an S3-compatible bucket (--adapter-store), `EXTRAS=ray,s3` for both.
 ARG EXTRAS=
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

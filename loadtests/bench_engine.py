@@ -10,7 +10,7 @@ at once. Contenders:
 Throughput counts the tokens each request asked for (padding and overshoot in static batches do not count).
 
 Usage: python -m loadtests.bench_engine [--requests 200 --adapters 32 --batch 32 --peft-requests 16 --peft-batches 1
-                                        --rounds 2 --no-adapter-affinity]
+                                        --rounds 2 --no-adapter-affinity --dtype float32|bfloat16|auto]
 The two engine contenders run ``--rounds`` times each in ABBA order and keep their fastest round.
 Targets on a 2-core CPU with SmolLM2-135M: ours >= 0.85x ours-base, >= 2x peft-mixed, >= 8x peft-per-request.
 
@@ -319,6 +319,8 @@ def main() -> None:
     parser.add_argument("--json-share", type=float, default=0.0,
                         help="features mode: share of requests constrained by a JSON schema (e.g. 0.1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="float32",
+                        help="our engine's compute dtype (PEFT stays float32)")  # fmt: skip
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if not (0 <= args.logprobs_share and 0 <= args.json_share and args.logprobs_share + args.json_share <= 1):
@@ -329,7 +331,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         peft_model, names = save_peft_adapters(base_dir, Path(tmp), args.adapters, args.rank)
         peft_model.generation_config.eos_token_id = None
-        model = LoraModel(load_base_model(base_dir, device="cpu", dtype="float32"), args.slots, args.rank)
+        model = LoraModel(load_base_model(base_dir, device="cpu", dtype=args.dtype), args.slots, args.rank)
         folders = {name: Path(tmp) / name for name in names}
         config = EngineConfig(
             max_batch_size=args.batch, max_seq_len=256 + 128, max_tokens_per_step=args.max_tokens_per_step,

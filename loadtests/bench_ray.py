@@ -156,9 +156,12 @@ def part_b(base: Path, root: Path, trace: list[TraceRequest], names: list[str], 
     prompts = [prompt_text(r, i, args.seed) for i, r in enumerate(checks)]
     out: dict[str, Any] = {}
     texts: dict[str, list[str]] = {}
-    ray_flags = ["--replicas", "1", "--replica-cpus", "2", "--ray-num-cpus", str(args.ray_num_cpus)]
+    threads = args.engine_threads
+    cpus = ["--replica-cpus", str(threads or 2)]  # a replica's torch threads = its reserved CPUs
+    ray_flags = ["--replicas", "1", *cpus, "--ray-num-cpus", str(args.ray_num_cpus)]
+    direct_flags = [] if threads is None else ["--cpu-threads", str(threads)]
     for path, flags in (("direct", None), ("ray", ray_flags)):
-        server = start(base, root, f"b-{path}", engine, flags)
+        server = start(base, root, f"b-{path}", [*engine, *(direct_flags if flags is None else [])], flags)
         try:
             out[path] = measure(server, burst, names, ray=flags is not None)
             texts[path] = [generate_text(server.url, r, p) for r, p in zip(checks, prompts, strict=True)]
@@ -168,8 +171,8 @@ def part_b(base: Path, root: Path, trace: list[TraceRequest], names: list[str], 
     out["texts_equal"] = sum(a == b for a, b in zip(texts["direct"], texts["ray"], strict=True))
     out["texts_checked"] = len(checks)
     print(
-        f"\nPart B: overhead, 1 replica (serve-ray --replica-cpus 2) vs lora-server serve, same engine flags, "
-        f"{len(trace)} requests sent at once"
+        f"\nPart B: overhead, 1 replica (serve-ray {' '.join(cpus)}) vs lora-server serve {' '.join(direct_flags)}, "
+        f"same engine flags, {len(trace)} requests sent at once"
     )
     print(HEAD)
     for path in ("direct", "ray"):
@@ -196,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-slots", type=int, default=112, help="per replica")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--ray-num-cpus", type=int, default=4, help="logical CPUs of the local Ray instance")
+    parser.add_argument("--engine-threads", type=int, default=None,
+                        help="part B: torch threads of the engine on both paths (default: 2, all of this machine's "
+                        "cores, shared with Ray's own processes on the Ray path)")  # fmt: skip
     parser.add_argument("--check", type=int, default=24, help="part B: requests whose greedy texts are compared")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)

@@ -10,6 +10,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from server.adapters.object_store import parse_store_url
+
 # The library each --quantize method stores the base weights with (server/model/quantize.py).
 QUANTIZE_LIBRARIES = {"int8": "torchao", "nf4": "bitsandbytes"}
 
@@ -26,6 +28,26 @@ class Settings(BaseSettings):
 
     base_model: Path | None = Field(None, description="local Hugging Face folder; default: embedded SmolLM2-135M")
     data_dir: Path = Field(Path("data"), description="where uploaded adapters and the registry index are stored")
+    adapter_store: str | None = Field(
+        None,
+        description="s3://bucket[/prefix]: keep adapter files in this S3-compatible bucket, shared by every node, "
+        "data_dir then holding this node's copies; credentials from boto3's chain (AWS_* variables, AWS_PROFILE, "
+        "an IAM role), never a flag",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="endpoint of an S3-compatible server (MinIO, R2, moto...) for adapter_store; default: AWS"
+    )
+    adapter_disk_cache_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="with adapter_store: bytes of adapter copies this node keeps in data_dir/cache, the least recently "
+        "used removed first; default: unbounded",
+    )
+    registry_db: Path | None = Field(
+        None,
+        description="with adapter_store: the registry's SQLite file, shareable by the nodes of one store on a "
+        "filesystem with POSIX locks; default data_dir/registry.db",
+    )
     startup_adapters: Path | None = Field(
         Path("adapters"), description="folder whose PEFT subfolders are registered at boot (skipped if missing)"
     )
@@ -37,7 +59,11 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=1, le=65535)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto",
+        description="compute dtype; auto: bfloat16 on CUDA and on CPUs with avx512_bf16 or amx_bf16, else float32 "
+        "(logged at startup, reported by /ready)",
+    )
     quantize: Literal["none", "int8", "nf4"] = Field(
         "none",
         description="store the base model's decoder linears quantized, adapters applied unmerged in dtype on top: "
@@ -135,8 +161,26 @@ class Settings(BaseSettings):
             raise ValueError(f"{str(path)!r} is not an existing directory")
         return path
 
+    @field_validator("adapter_store")
+    @classmethod
+    def _store_url(cls, url: str | None) -> str | None:
+        if url is not None:
+            parse_store_url(url)  # ValueError naming what is wrong
+        return url
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _endpoint_url(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ValueError(f"{url!r} is not an http:// or https:// URL")
+        return url
+
     @model_validator(mode="after")
     def _check(self) -> "Settings":
+        for flag, value in (("s3_endpoint_url", self.s3_endpoint_url), ("registry_db", self.registry_db),
+                            ("adapter_disk_cache_bytes", self.adapter_disk_cache_bytes)):  # fmt: skip
+            if value is not None and self.adapter_store is None:  # it would do nothing: refuse
+                raise ValueError(f"{flag} is set but adapter_store is not: it applies to an adapter store only")
         keyless = self.api_key is None and self.admin_key is None
         for flag, on in (("health_requires_key", self.health_requires_key),
                          ("metrics_requires_key", self.metrics_requires_key)):  # fmt: skip

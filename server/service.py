@@ -7,6 +7,7 @@ from transformers import AutoTokenizer
 
 from server.adapters.checkpoint import CONFIG_FILE
 from server.adapters.errors import AdapterError
+from server.adapters.object_store import open_store
 from server.adapters.registry import AdapterExists, AdapterRegistry, AdapterSummary, RegistryError, UploadLimits
 from server.config import Settings
 from server.engine.engine import Engine, EngineConfig
@@ -14,6 +15,7 @@ from server.metrics import EngineView, ServerMetrics
 from server.model.embedded import EMBEDDED_MODEL_ID, ensure_embedded_model
 from server.model.loader import load_base_model, set_cpu_threads
 from server.model.lora_model import LoraModel
+from server.stale_copies import StaleCopies
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +31,9 @@ class Service:
         self.settings = settings
         # First, so that a data directory the server may not use is refused before the model is loaded (seconds).
         limits = UploadLimits(max_file_bytes=settings.max_upload_bytes, max_unpacked_bytes=settings.max_upload_bytes)
-        self.registry = AdapterRegistry(settings.data_dir, self.validate_adapter, limits)
+        store = open_store(settings.adapter_store, settings.s3_endpoint_url) if settings.adapter_store else None
+        self.registry = AdapterRegistry(settings.data_dir, self.validate_adapter, limits, store, settings.registry_db,
+                                        settings.adapter_disk_cache_bytes)  # fmt: skip
         base_dir = settings.base_model or ensure_embedded_model()
         self.base_model_id = settings.base_model.name if settings.base_model else EMBEDDED_MODEL_ID
         log.info("loading base model %s from %s", self.base_model_id, base_dir)
@@ -68,6 +72,7 @@ class Service:
                 merge_dominant=settings.merge_dominant,
             ),
         )
+        self.stale_copies = StaleCopies(self.registry.get, self.engine.forget_adapter)
         self.metrics = ServerMetrics(settings.metrics_adapter_labels, registered=self.registry.__contains__)
         self.engine.on_finish.append(self.metrics.observe_finished)
         self.engine.on_step.append(self.metrics.observe_step)

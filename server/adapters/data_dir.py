@@ -35,6 +35,7 @@ INDEX_FILE = "index.json"  # layout version 1: imported into DB_FILE at startup,
 DB_FILE = "registry.db"
 ADAPTERS_DIR = "adapters"
 STAGING_DIR = "staging"
+CACHE_DIR = "cache"  # with --adapter-store: this node's copies of adapters in the store (registry_remote.py)
 # The temp files of an interrupted atomic write: only the server makes names of this shape here.
 TEMP_PREFIXES = (".index-", ".lora-server-")
 _NOT_OURS_BUT_HARMLESS = frozenset({"lost+found"})  # at the root of a fresh ext2/3/4 volume; never touched

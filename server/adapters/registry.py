@@ -23,11 +23,13 @@ without a row is not the server's (copied in by hand, or left by a version befor
           remove it. A failed mark or commit (StorageFull) rolls back and drops the mark: nothing changed.
 * startup: ``registry_startup.open_data_dir``: claim, import a layout-1 index.json, recover under the write lock.
 
+With an object store (``--adapter-store``) the files live in the store and ``data_dir/cache/<uid>/`` holds this
+node's copies; the database may be elsewhere (``--registry-db``), shared by several nodes. Add, delete and reading
+then follow registry_remote.py (upload before the commit, remove after it, download and verify on a miss).
+
 Torch-free: validating an adapter folder is the injected ``validate`` callable's job (the checkpoint reader).
 """
 
-import errno
-import hashlib
 import logging
 import os
 import shutil
@@ -41,16 +43,15 @@ from typing import BinaryIO
 from server.adapters.archive import (
     CONFIG_FILE,
     WEIGHTS_FILE,
-    TooLarge,
-    UnsafeArchive,
     UploadLimits,
     extract_adapter_archive,
     kept_limit,
     receive_file,
 )
-from server.adapters.data_dir import ADAPTERS_DIR, STAGING_DIR, fsync_dir
+from server.adapters.data_dir import ADAPTERS_DIR, CACHE_DIR, DB_FILE, STAGING_DIR, fsync_dir
 from server.adapters.errors import AdapterFormatError
-from server.adapters.registry_db import is_disk_full
+from server.adapters.object_store import ObjectStore
+from server.adapters.registry_guards import file_sha256, storage_full, upload_errors
 from server.adapters.registry_records import (
     NAME_PATTERN,
     AdapterExists,
@@ -62,9 +63,11 @@ from server.adapters.registry_records import (
     RegistryError,
     Source,
     StorageFull,
+    StoreUnavailable,
     UploadTooLarge,
     check_name,
 )
+from server.adapters.registry_remote import RemoteAdapters
 from server.adapters.registry_staging import Staging, clear_pending, mark_pending, pending_uid
 from server.adapters.registry_startup import open_data_dir
 
@@ -79,6 +82,7 @@ __all__ = [
     "InvalidAdapterName",
     "RegistryError",
     "StorageFull",
+    "StoreUnavailable",
     "UploadLimits",
     "UploadTooLarge",
     "check_name",
@@ -95,23 +99,44 @@ class AdapterRegistry:
     ``validate(folder)`` reads and checks a PEFT folder and returns its AdapterSummary, or raises AdapterError,
     which propagates unchanged. Every ``add_*`` leaves nothing behind when it fails. Thread-safe, and safe with other
     processes on the same ``data_dir``.
+
+    With ``store`` (``--adapter-store``) the files live in the object store and ``data_dir/cache/`` holds this node's
+    copies (registry_remote.py); ``registry_db`` (default ``data_dir/registry.db``) may then be shared by several
+    nodes while each has a ``data_dir`` of its own.
     """
 
     def __init__(
-        self, data_dir: Path, validate: Callable[[Path], AdapterSummary], limits: UploadLimits = DEFAULT_LIMITS
+        self,
+        data_dir: Path,
+        validate: Callable[[Path], AdapterSummary],
+        limits: UploadLimits = DEFAULT_LIMITS,
+        store: ObjectStore | None = None,
+        registry_db: Path | None = None,
+        disk_cache_bytes: int | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.limits = limits
         self._validate = validate
         self._adapters = self.data_dir / ADAPTERS_DIR
         self._staging = Staging(self.data_dir / STAGING_DIR)
-        self._db = open_data_dir(self.data_dir, self._staging)
+        db_path = Path(registry_db) if registry_db is not None else self.data_dir / DB_FILE
+        self._db = open_data_dir(self.data_dir, self._staging, db_path, store)
+        self._remote: RemoteAdapters | None = None
+        if store is not None:
+            cache = self.data_dir / CACHE_DIR
+            self._remote = RemoteAdapters(store, cache, self._staging, self._db.records, disk_cache_bytes)
+            for uid in self._remote.prune():
+                _log.info("removed this node's copy of %s: no longer registered, or over its disk bound", uid)
+            try:
+                self._remote.sweep()
+            except StoreUnavailable as e:  # checked reachable a moment ago; sweeping can wait for the next start
+                _log.warning("could not sweep the adapter store: %s", e)
 
     # ---- adding ---------------------------------------------------------------------------------------------------
     def add_files(self, name: str, config: BinaryIO, weights: BinaryIO, source: Source = "upload") -> AdapterRecord:
         """Register the two PEFT files streamed from ``config`` and ``weights`` under ``name``."""
         self._check_new(name)
-        with _upload_errors(), self._new_staging() as folder:
+        with upload_errors(), self._new_staging() as folder:
             receive_file(config, folder / CONFIG_FILE, self.limits.max_config_bytes, CONFIG_FILE)
             receive_file(weights, folder / WEIGHTS_FILE, self.limits.max_file_bytes, WEIGHTS_FILE)
             return self._commit(name, folder, source)
@@ -119,7 +144,7 @@ class AdapterRegistry:
     def add_archive(self, name: str, archive: BinaryIO, source: Source = "upload") -> AdapterRecord:
         """Register the PEFT folder inside a .zip or .tar.gz (see ``archive.extract_adapter_archive``)."""
         self._check_new(name)
-        with _upload_errors(), self._new_staging() as folder:
+        with upload_errors(), self._new_staging() as folder:
             extract_adapter_archive(archive, folder.parent / "unpacked", folder, self.limits)
             return self._commit(name, folder, source)
 
@@ -130,7 +155,7 @@ class AdapterRegistry:
         folder = Path(folder)
         if not folder.is_dir():
             raise AdapterFormatError(f"adapter folder {str(folder)!r} does not exist")
-        with _upload_errors(), self._new_staging() as staged:
+        with upload_errors(), self._new_staging() as staged:
             for entry in sorted(folder.iterdir()):
                 limit = kept_limit(entry.name, self.limits)
                 if limit is not None and entry.is_file():
@@ -146,9 +171,22 @@ class AdapterRegistry:
         except (KeyError, TypeError):
             raise AdapterNotFound(f"adapter {name!r} not found") from None
 
+    @property
+    def has_store(self) -> bool:
+        """Whether adapters live in an object store, so that ``path`` may download (slow: call it off the loop)."""
+        return self._remote is not None
+
     def path(self, name: str) -> Path:
-        """Folder of registered adapter ``name``; AdapterNotFound (a KeyError) otherwise."""
-        return self._adapters / self.get(name).name
+        """Folder of registered adapter ``name``; AdapterNotFound (a KeyError) otherwise. With a store, this node's
+        copy, downloaded first when it has none (StoreUnavailable when that fails)."""
+        record = self.get(name)
+        if self._remote is None:
+            return self._adapters / record.name
+        try:
+            return self._remote.fetch(record)
+        except StoreUnavailable:
+            self.get(name)  # deleted while it downloaded (its objects went first): AdapterNotFound, a 404 not a 503
+            raise
 
     def list(self) -> list[AdapterRecord]:
         """All records, sorted by name."""
@@ -166,8 +204,12 @@ class AdapterRegistry:
         """Unregister ``name`` and remove its files; AdapterNotFound when it is not registered, StorageFull (and
         nothing changed) when the disk is too full to mark the folder or commit."""
         self.get(name)  # early: an unknown name costs no staging folder
+        if self._remote is not None:
+            with storage_full("nothing was deleted"):
+                self._remote.delete(name, self._db)
+            return
         folder = self._adapters / name
-        with _storage_full("nothing was deleted"), self._staging.operation("deleted") as trash:
+        with storage_full("nothing was deleted"), self._staging.operation("deleted") as trash:
             marked = False
             try:
                 with self._db.write() as tx:
@@ -228,11 +270,13 @@ class AdapterRegistry:
             alpha=summary.alpha,
             target_modules=summary.target_modules,
             size_bytes=sum(p.stat().st_size for p in files),
-            sha256=_sha256(staged / WEIGHTS_FILE),
+            sha256=file_sha256(staged / WEIGHTS_FILE),
             created_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             source=source,
             uid=uuid.uuid4().hex,
         )
+        if self._remote is not None:
+            return self._remote.add(record, staged, self._db)
         mark_pending(staged, record.uid)
         final = self._adapters / name
         moved = False
@@ -258,40 +302,3 @@ class AdapterRegistry:
         except OSError:  # it is marked and has no row: removed here, or by the next startup if this fails too
             _log.exception("adapter %r: the folder could not be moved back after a failed commit; removing it", name)
             shutil.rmtree(final, ignore_errors=True)
-
-
-@contextmanager
-def _upload_errors() -> Iterator[None]:
-    """The intake module's refusals as registry errors (HTTP 413 and 400), and a full disk as StorageFull (507).
-    Whatever fails, the staging folder is removed and the database is unchanged."""
-    try:
-        with _storage_full("nothing was stored"):
-            yield
-    except TooLarge as e:
-        raise UploadTooLarge(str(e)) from None
-    except UnsafeArchive as e:
-        raise BadArchive(str(e)) from None
-
-
-@contextmanager
-def _storage_full(outcome: str) -> Iterator[None]:
-    """A full disk or quota (ENOSPC, EDQUOT, SQLite's SQLITE_FULL) as StorageFull (HTTP 507); ``outcome`` says what
-    the caller undid."""
-    try:
-        yield
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise StorageFull(f"the server's adapter storage is full ({os.strerror(e.errno)}); {outcome}") from e
-        raise
-    except Exception as e:
-        if is_disk_full(e):
-            raise StorageFull(f"the server's adapter storage is full ({e}); {outcome}") from e
-        raise
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()

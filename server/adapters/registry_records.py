@@ -38,6 +38,11 @@ class StorageFull(RegistryError):
     """The disk (or quota) ran out while storing an upload or deleting (HTTP 507); nothing was changed."""
 
 
+class StoreUnavailable(RegistryError):
+    """The adapter store (``--adapter-store``) cannot be used now: unreachable, refused, or it served files that do not
+    match their record (HTTP 503); an upload that met it left nothing behind."""
+
+
 class BadArchive(RegistryError):
     """The archive is unsafe, broken, not a .zip/.tar.gz, or holds no adapter (HTTP 400)."""
 

@@ -9,6 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.adapters.registry_records import StoreUnavailable
+
 log = logging.getLogger(__name__)
 
 
@@ -67,6 +69,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ClientDisconnected)
     async def _gone(_: Request, exc: ClientDisconnected) -> Response:
         return Response(status_code=499)  # nginx's "client closed request": nobody reads it, the access log does
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store(_: Request, exc: StoreUnavailable) -> JSONResponse:
+        # An adapter's files could not be fetched from the object store (any route that reads one): retryable.
+        log.warning("%s", exc)
+        return error_response(503, "unavailable", str(exc))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -5,7 +5,10 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from typing import ParamSpec, TypeVar
 
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 
+from server.adapters.mixture_keys import parse_mixture_key
+from server.adapters.registry import AdapterNotFound
 from server.api.adapter_fields import unregistered
 from server.api.errors import ApiError, ClientDisconnected
 from server.api.schemas import FinishReasonName, StreamFinishReason
@@ -47,6 +50,28 @@ def submit(
     the queue is full."""
     [handle] = submit_group(service, prompt_ids, adapter, [params], grammar)
     return handle
+
+
+async def prepare_adapter(service: Service, adapter: str | None) -> None:
+    """Before a request is queued, on a worker thread: drop this process's copies of the adapter (each mixture part)
+    if another process sharing the registry deleted or replaced it (``StaleCopies``), and with an object store
+    (``--adapter-store``) download the files of a part this node holds no copy of, so ``submit``, which runs on the
+    event loop, never waits on the network. Unregistered names are left to ``submit``'s 404; a failed download
+    answers 503 (StoreUnavailable)."""
+    if adapter is None:
+        return
+    parts = parse_mixture_key(adapter)
+    await run_in_threadpool(_prepare, service, [adapter] if parts is None else [p.name for p in parts])
+
+
+def _prepare(service: Service, names: list[str]) -> None:
+    service.stale_copies.check(names)
+    if service.registry.has_store:
+        for name in names:
+            try:
+                service.registry.path(name)
+            except AdapterNotFound:
+                return
 
 
 def submit_group(

@@ -14,6 +14,7 @@ from server.adapters.registry import (
     InvalidAdapterName,
     RegistryError,
     StorageFull,
+    StoreUnavailable,
     UploadTooLarge,
 )
 from server.api.auth import require_admin, require_inference
@@ -22,7 +23,7 @@ from server.api.schemas import AdapterInfo, AdapterList, error_responses
 from server.service import Service
 
 router = APIRouter()
-_ERRORS = error_responses(400, 401, 403, 404, 409, 413, 422, 507)
+_ERRORS = error_responses(400, 401, 403, 404, 409, 413, 422, 503, 507)
 
 
 def _info(service: Service, record: AdapterRecord) -> AdapterInfo:
@@ -41,6 +42,8 @@ def as_api_error(exc: Exception) -> ApiError:
             return ApiError(413, "too_large", str(exc))
         case StorageFull():
             return ApiError(507, "insufficient_storage", str(exc))
+        case StoreUnavailable():
+            return ApiError(503, "unavailable", str(exc))
         case AdapterError():
             return ApiError(422, "invalid_adapter", str(exc))
         case _:

@@ -7,7 +7,15 @@ from fastapi.responses import StreamingResponse
 
 from server.api.adapter_fields import requested_adapter
 from server.api.auth import require_inference
-from server.api.generation import completed_reason, public_reason, run_to_completion, sampling_params, stream, submit
+from server.api.generation import (
+    completed_reason,
+    prepare_adapter,
+    public_reason,
+    run_to_completion,
+    sampling_params,
+    stream,
+    submit,
+)
 from server.api.logprob_format import token_info, token_infos
 from server.api.prompts import encode_prompt, off_loop
 from server.api.sampling_fields import check_token_ids, grammar_for, logit_bias_pairs
@@ -76,6 +84,7 @@ async def generate(body: GenerateRequest, request: Request):
     adapter = requested_adapter(body.adapter)
     params = _params(service, body)
     grammar = await grammar_for(service, generate_spec(body.structured_output))
+    await prepare_adapter(service, adapter)
     handle = submit(service, await encode_prompt(service, body.prompt), adapter, params, grammar)
     tokenizer = service.tokenizer
     if not body.stream:

@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from server.api.auth import require_inference
-from server.api.generation import run_all, stream_all, submit_groups
+from server.api.generation import prepare_adapter, run_all, stream_all, submit_groups
 from server.api.openai_choices import CompletionChoices, chat_choice, chat_logprobs_of, finish_reason, usage
 from server.api.openai_params import (
     Prompt,
@@ -77,6 +77,7 @@ async def completions(body: CompletionRequest, request: Request):
     prompts = await completion_prompts(service, body)
     params = completion_params(service, body, prompts)
     grammar = await _grammar(service, body)
+    await prepare_adapter(service, adapter)
     handles = submit_groups(service, [(p.ids, ps) for p, ps in zip(prompts, params, strict=True)], adapter, grammar)
     choices = CompletionChoices(service.tokenizer, body, prompts)
     created, cid = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
@@ -125,6 +126,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     prompt = Prompt(await encode_chat(service, [m.model_dump() for m in body.messages]), "")
     params = chat_params(service, body, len(prompt.ids))
     grammar = await _grammar(service, body)
+    await prepare_adapter(service, adapter)
     handles = submit_groups(service, [(prompt.ids, params)], adapter, grammar)
     created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
     model = body.model or service.base_model_id

@@ -22,9 +22,13 @@ async def health() -> dict[str, str]:
     responses={503: {"description": "model not loaded, engine not running, or draining"}},
 )
 async def ready(request: Request) -> JSONResponse:
-    """The model is loaded and the engine loop is running."""
-    if request.app.state.service.ready:
-        return JSONResponse({"status": "ready"})
+    """The model is loaded and the engine loop is running; with the compute dtype, device and LoRA op it runs in
+    (``--dtype auto`` resolves by the hardware, so this is where a client sees what it got)."""
+    service = request.app.state.service
+    if service.ready:
+        model = service.lora_model
+        runs = {"dtype": str(model.dtype).removeprefix("torch."), "device": model.device.type, "lora_op": model.op_name}
+        return JSONResponse({"status": "ready", **runs})
     return error_response(503, "unavailable", "the engine is not running")
 
 

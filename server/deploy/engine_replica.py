@@ -28,7 +28,6 @@ from prometheus_client import generate_latest
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from server.adapters.registry import AdapterNotFound
 from server.api.app import create_app
 from server.config import Settings
 from server.deploy.directory import REPORT_PERIOD_S, ReplicaReport
@@ -69,8 +68,6 @@ class EngineReplica:
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
         self._directory = directory
-        self._uids: dict[str, str] = {}  # adapter -> the uid this engine may hold a copy of
-        self._uids_lock = threading.Lock()
         self._models: set[str] = set()  # the ids Serve's multiplex cache holds here
         self._header = ((REPLICA_HEADER, self.replica_id),)
         capacity = multiplex_capacity(settings)
@@ -91,7 +88,7 @@ class EngineReplica:
         key = routing_id(request.method, request.path, request.body, self.base_model_id)
         names = adapter_names(key, self.base_model_id)
         if names:
-            await asyncio.to_thread(self._sync, names)
+            await asyncio.to_thread(self.service.stale_copies.check, names)
         model_id = serve.get_multiplexed_model_id()
         if model_id and (model_id == self.base_model_id or all(n in self.service.registry for n in names)):
             await self.load_adapter(model_id)
@@ -126,30 +123,10 @@ class EngineReplica:
         if model_id != self.base_model_id:
             self.service.engine.drop_preloaded(model_id)
 
-    def _sync(self, names: list[str]) -> None:
-        """Drop this engine's copies of adapters that were deleted, or replaced under the same name, elsewhere."""
-        for name in names:
-            try:
-                uid: str | None = self.service.registry.get(name).uid
-            except AdapterNotFound:
-                uid = None
-            with self._uids_lock:
-                seen = self._uids.get(name)
-                if uid is None:
-                    self._uids.pop(name, None)
-                else:
-                    self._uids[name] = uid
-            if seen is not None and seen != uid:
-                log.info("adapter %r was %s by another replica: dropping this replica's copy", name,
-                         "deleted" if uid is None else "replaced")  # fmt: skip
-                self.service.engine.forget_adapter(name)
-
     def _report_loop(self) -> None:
         while not self._stop.wait(REPORT_PERIOD_S):
             try:
-                with self._uids_lock:
-                    seen = list(self._uids)
-                self._sync(seen)
+                self.service.stale_copies.check_all()
                 wanted = self._directory.report.remote(self._report()).result(timeout_s=10)
                 if wanted:  # a scrape is waiting (see directory.py: metrics are sent on demand)
                     metrics = generate_latest(self.service.metrics.registry).decode()

@@ -29,7 +29,12 @@ APP_NAME = "lora-server"
 
 
 def build(settings: RaySettings) -> Application:
-    directory = _deployment(ReplicaDirectory).options(num_replicas=1, max_ongoing_requests=1000).bind()
+    # Its calls are internal (two per replica per second): no access-log line each.
+    directory = (
+        _deployment(ReplicaDirectory)
+        .options(num_replicas=1, max_ongoing_requests=1000, logging_config={"enable_access_log": False})
+        .bind()
+    )
     scaling: dict[str, Any] = {"num_replicas": settings.replicas}
     if settings.max_replicas is not None:
         scaling = {"autoscaling_config": {

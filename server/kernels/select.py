@@ -2,8 +2,9 @@
 
 - ``reference`` (``server.kernels.reference``): the yardstick every fast op is tested against.
 - ``grouped`` (``server.kernels.grouped``): torch matmuls per run of one adapter's tokens, short runs on a grid.
-- ``native`` (``server.kernels.native.ops``, CPU float32): a C kernel that does every run of a layer in one call;
-  ``auto`` takes it on CPU when it builds here and passes its self-check, else ``grouped``.
+- ``native`` (``server.kernels.native.ops``, CPU float32 or bfloat16): a C kernel that does every run of a layer in
+  one call; ``auto`` takes it on CPU when the kernel of the model's dtype builds here and passes its self-check, else
+  ``grouped``.
 - ``triton`` (``server.kernels.triton.ops``, registered when triton is installed): Triton kernels, a segmented SGMV
   pair for prefill and a gathered per-token BGMV pair for decode, picked per step; ``triton_sgmv`` and
   ``triton_bgmv`` force one pair. Selectable by name; ``auto`` on CUDA takes ``grouped`` until the kernels have
@@ -38,17 +39,17 @@ if triton_ops.TRITON_AVAILABLE:  # triton itself is imported on the op's first u
 
 def select_op(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> LoraOp[Any]:
     """The LoRA op to use, chosen once at startup. ``auto`` picks the fastest op proven correct on the device."""
-    native_fits = device.type == "cpu" and dtype == torch.float32
+    native_fits = device.type == "cpu" and dtype in native_ops.NATIVE_DTYPES
     if name == "auto":
         # On CUDA the Triton kernels once validated on a GPU (Triton has no CPU backend, only a slow interpreter);
-        # on CPU the C kernel for float32 where it builds; else the grouped torch op.
+        # on CPU the C kernel (float32 or bfloat16) where it builds; else the grouped torch op.
         if device.type == "cuda":
             triton_ready = TRITON_VALIDATED_ON_GPU and "triton" in LORA_OPS and triton_ops.triton_usable()
             name = "triton" if triton_ready else "grouped"
         else:
-            name = "native" if native_fits and native_ops.native_usable() else "grouped"
-    elif name == "native" and not (native_fits and native_ops.native_usable()):
-        raise ValueError("the native LoRA op needs float32 on the CPU and a working C compiler (see the log)")
+            name = "native" if native_fits and native_ops.native_usable(dtype) else "grouped"
+    elif name == "native" and not (native_fits and native_ops.native_usable(dtype)):
+        raise ValueError("the native LoRA op needs float32 or bfloat16 on the CPU and a C compiler (see the log)")
     elif name.startswith("triton") and device.type != "cuda" and not triton_ops.interpreting():
         raise ValueError(f"the {name} LoRA op needs a CUDA device")
     try:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from server.model.dtype_choice import auto_dtype, read_cpu_flags
 from server.model.quantize import quantization_config, stored_bytes
 
 log = logging.getLogger(__name__)
@@ -31,9 +32,12 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` is float32 on CPU (fast and exact there) and bfloat16 on CUDA."""
+    """``auto`` is bfloat16 on CUDA and on CPUs with hardware bfloat16 dot products, else float32
+    (``server.model.dtype_choice``; the choice and its reason are logged)."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        chosen, reason = auto_dtype(device, read_cpu_flags() if device.type == "cpu" else ())
+        log.info("--dtype auto: %s, because %s", str(chosen).removeprefix("torch."), reason)
+        return chosen
     try:
         return _DTYPES[dtype]
     except KeyError:

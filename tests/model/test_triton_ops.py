@@ -202,7 +202,7 @@ def test_plan_picks_per_token_kernels_for_decode_and_segments_for_prefill() -> N
 def test_select_op_on_cuda_takes_triton_once_validated_on_a_gpu() -> None:
     expected = "triton" if TRITON_AVAILABLE and TRITON_VALIDATED_ON_GPU else "grouped"
     assert select_op("auto", torch.device("cuda")) is LORA_OPS[expected]
-    assert select_op("auto", torch.device("cpu"), torch.bfloat16) is LORA_OPS["grouped"]
+    assert select_op("auto", torch.device("cpu"), torch.float16) is LORA_OPS["grouped"]  # bfloat16: test_native_bf16
     if TRITON_AVAILABLE:
         assert {"triton", "triton_sgmv", "triton_bgmv"} <= set(LORA_OPS)
 

@@ -86,7 +86,7 @@ def test_native_refuses_bad_input() -> None:
     a, b, scales, ranks = case.weights.a, case.weights.b, case.weights.scales, case.weights.slot_table
     runs = torch.tensor([[1, 0, 8]], dtype=torch.int32)
     x, y = torch.randn(8, 16), torch.randn(8, 16)
-    with pytest.raises(TypeError, match="float32"):
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
         lora_add_native(y.double(), x.double(), a.double(), b.double(), scales.double(), ranks, runs)
     for offset, rank in ((a.shape[0] - 2, 3), (-1, 2), (0, 1025)):  # past the pool, before it, a huge rank
         bad = ranks.clone()
@@ -128,7 +128,7 @@ def test_no_compiler_or_failing_compiler_is_a_clear_error(tmp_path: Path, monkey
 
 
 def test_auto_falls_back_to_the_torch_op_without_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(native_ops, "native_usable", lambda: False)
+    monkeypatch.setattr(native_ops, "native_usable", lambda dtype=torch.float32: False)
     assert select_op("auto", torch.device("cpu")) is LORA_OPS["grouped"]
     with pytest.raises(ValueError, match="native LoRA op needs"):
         select_op("native", torch.device("cpu"))

@@ -156,6 +156,7 @@ def test_decode_step_mixing_ranks_4_to_64(op: str) -> None:
 def test_select_op() -> None:
     expected = "native" if native_usable() else "grouped"
     assert select_op("auto", torch.device("cpu")) is LORA_OPS[expected]
-    assert select_op("auto", torch.device("cpu"), torch.bfloat16) is LORA_OPS["grouped"]  # native is float32 only
+    bf16 = "native" if native_usable(torch.bfloat16) else "grouped"  # tests/unit/test_native_bf16.py
+    assert select_op("auto", torch.device("cpu"), torch.bfloat16) is LORA_OPS[bf16]
     with pytest.raises(ValueError, match="unknown LoRA op"):
         select_op("nope", torch.device("cpu"))

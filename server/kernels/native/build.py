@@ -12,7 +12,9 @@ own thread pool (two OpenMP runtimes in one process would each keep spinning thr
 there, or the compiler lacks OpenMP or ``-march=native``, the next flag set down is tried; the last one is plain
 ``-O3``. No compiler at all raises ``NativeBuildError``, and the caller falls back to the torch op.
 
-``build``/``load_source`` compile any one-file C source this way; ``shared_library`` is the LoRA kernel.
+``build``/``load_source`` compile any one-file C source this way; ``shared_library`` is the LoRA kernel,
+``shared_bf16_library`` its bfloat16 twin (``lora_runs_bf16.c``, whose AVX512-BF16 path the same ``-march=native``
+turns on where the CPU has it).
 """
 
 import ctypes
@@ -27,12 +29,14 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from server.paths import default_cache_dir
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "lora_runs.c"  # the LoRA kernel, the default source
+BF16_SOURCE = Path(__file__).parent / "lora_runs_bf16.c"  # its bfloat16 twin (a library of its own)
 BUILD_TIMEOUT_S = 120
 
 
@@ -58,6 +62,18 @@ class NativeLibrary:
     flags: tuple[str, ...]
     threaded: bool
     lora_add_runs_f32: Callable[..., int]
+
+
+@dataclass(frozen=True)
+class NativeBf16Library:
+    """The loaded bfloat16 kernel: ``lora_add_runs_bf16`` with its ctypes signature set, how it was built, and
+    whether its shrink uses AVX512-BF16 dot products (the compiler's ``-march=native`` had ``__AVX512BF16__``)."""
+
+    path: Path
+    flags: tuple[str, ...]
+    threaded: bool
+    uses_dpbf16: bool
+    lora_add_runs_bf16: Callable[..., int]
 
 
 def _torch_lib_dir() -> Path | None:
@@ -162,11 +178,25 @@ def load(cache_dir: str | os.PathLike[str] | None = None) -> NativeLibrary:
     compiled = load_source(SOURCE, cache_dir)
     path, flags, threaded = compiled.path, compiled.flags, compiled.threaded
     fn = compiled.cdll.lora_add_runs_f32
+    declare_runs_signature(fn)
+    return NativeLibrary(path, flags, threaded, fn)
+
+
+def declare_runs_signature(fn: Any) -> None:  # a ctypes function pointer
+    """The C signature both LoRA kernels share (the element type is behind the pointers)."""
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    # y, ldy, x, ldx, n_tokens, in, out, a, b, n_entries, max_rank, ranks, scales, runs, n_runs, num_threads
+    # y, ldy, x, ldx, n_tokens, in, out, a, b, n_entries, n_rows, slot table, scales, runs, n_runs, num_threads
     fn.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, ptr, ptr, ptr, i64, ctypes.c_int]
     fn.restype = ctypes.c_int
-    return NativeLibrary(path, flags, threaded, fn)
+
+
+def load_bf16(cache_dir: str | os.PathLike[str] | None = None) -> NativeBf16Library:
+    """Build (or find) and load the bfloat16 LoRA kernel."""
+    compiled = load_source(BF16_SOURCE, cache_dir)
+    fn = compiled.cdll.lora_add_runs_bf16
+    declare_runs_signature(fn)
+    uses_dpbf16 = bool(compiled.cdll.lora_bf16_uses_dpbf16())
+    return NativeBf16Library(compiled.path, compiled.flags, compiled.threaded, uses_dpbf16, fn)
 
 
 @functools.cache
@@ -177,3 +207,16 @@ def shared_library() -> NativeLibrary | None:
     except (NativeBuildError, OSError) as exc:  # OSError: e.g. a read-only cache folder
         log.warning("native LoRA kernel unavailable, using the torch op: %s", exc)
         return None
+
+
+@functools.cache
+def shared_bf16_library() -> NativeBf16Library | None:
+    """The process-wide bfloat16 kernel, built at most once; None (with the reason logged) where it cannot be."""
+    try:
+        library = load_bf16()
+    except (NativeBuildError, OSError) as exc:
+        log.warning("native bfloat16 LoRA kernel unavailable, using the torch op: %s", exc)
+        return None
+    how = "AVX512-BF16 dot products" if library.uses_dpbf16 else "bfloat16 widened to float32 (no AVX512-BF16 here)"
+    log.info("native bfloat16 LoRA kernel: %s", how)
+    return library
