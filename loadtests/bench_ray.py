@@ -171,7 +171,7 @@ def part_b(base: Path, root: Path, trace: list[TraceRequest], names: list[str], 
     out["texts_equal"] = sum(a == b for a, b in zip(texts["direct"], texts["ray"], strict=True))
     out["texts_checked"] = len(checks)
     print(
-        f"\nPart B: overhead, 1 replica (serve-ray {' '.join(cpus)}) vs lora-server serve {' '.join(direct_flags)}, "
+        f"\nPart B: overhead, 1 replica (serve-ray {' '.join(cpus)}) vs {' '.join(['lora-server serve', *direct_flags])}, "  # noqa: E501
         f"same engine flags, {len(trace)} requests sent at once"
     )
     print(HEAD)
