@@ -55,6 +55,15 @@ def serve_ray(flags: list[str]) -> int:
     settings = _parse(RaySettings, "serve-ray", flags)
     if settings is None:
         return 2
+    if settings.adapter_store is not None:  # checked before Ray starts: a replica failing it would crash-loop under Ray
+        from server.adapters.object_store import open_store
+        from server.adapters.registry import RegistryError
+
+        try:
+            open_store(settings.adapter_store, settings.s3_endpoint_url)
+        except RegistryError as exc:
+            print(f"lora-server serve-ray: {exc}", file=sys.stderr)
+            return 2
     try:
         from server.deploy import ray_app
     except ImportError as exc:

@@ -51,6 +51,7 @@ def build(settings: RaySettings) -> Application:
         health_check_timeout_s=30,
         graceful_shutdown_timeout_s=settings.drain_timeout,
         graceful_shutdown_wait_loop_s=1,
+        logging_config={"enable_access_log": False},  # the ingress logs each request; this hop would log it again
     )
     ingress = _deployment(serve.ingress()(Ingress)).options(
         name="Ingress", num_replicas=settings.ingress_replicas, max_ongoing_requests=100_000,

@@ -102,12 +102,14 @@ def test_refused_credentials_are_told_at_startup(tmp_path: Path) -> None:
             open_store("s3://bkt", strict)
 
 
-def test_the_cli_refuses_to_start_on_a_missing_bucket(tmp_path: Path, endpoint: str, capsys) -> None:
-    """``lora-server serve`` in-process (the process exits with what ``main`` returns): the store is checked before
-    the model is loaded (there is none at --base-model), and the answer is one line and exit code 2, no traceback."""
+@pytest.mark.parametrize("command", ["serve", "serve-ray"])
+def test_the_cli_refuses_to_start_on_a_missing_bucket(tmp_path: Path, endpoint: str, capsys, command: str) -> None:
+    """``lora-server serve`` (and ``serve-ray``, before Ray starts) in-process (the process exits with what ``main``
+    returns): the store is checked before the model is loaded (there is none at --base-model), and the answer is one
+    line and exit code 2, no traceback."""
     from server import cli
 
-    code = cli.main(["serve", "--data-dir", str(tmp_path / "d"), "--adapter-store", "s3://missing-bucket/lora",
+    code = cli.main([command, "--data-dir", str(tmp_path / "d"), "--adapter-store", "s3://missing-bucket/lora",
                      "--s3-endpoint-url", endpoint, "--base-model", str(tmp_path / "no-model"), "--log-level",
                      "warning"])  # fmt: skip
     err = capsys.readouterr().err
