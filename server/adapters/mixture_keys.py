@@ -35,6 +35,13 @@ def mixture_key(parts: Sequence[MixturePart]) -> str:
     return MIXTURE_PREFIX + "+".join(f"{p.name}*{float(p.weight)!r}" for p in parts)
 
 
+def part_names(key: str) -> list[str]:
+    """The registered adapters ``key`` names: a mixture's parts, or the name itself (MixtureError as
+    ``parse_mixture_key``)."""
+    parts = parse_mixture_key(key)
+    return [key] if parts is None else [p.name for p in parts]
+
+
 def parse_mixture_key(key: str) -> tuple[MixturePart, ...] | None:
     """The parts of ``mix:name*weight+name*weight...``; None for a plain adapter name (no ``mix:`` prefix).
 

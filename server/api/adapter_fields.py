@@ -13,6 +13,7 @@ from server.adapters.mixture import (
     is_mixture_key,
     parse_mixture_key,
 )
+from server.adapters.mixture_keys import part_names
 from server.api.errors import ApiError
 from server.api.schemas import AdapterMixture
 from server.service import Service
@@ -47,9 +48,7 @@ def unregistered(service: Service, adapter: str | None) -> str | None:
     """The adapter (or the mixture's first part) that is not registered, else None."""
     if adapter is None:
         return None
-    parts = parse_mixture_key(adapter)
-    names = [adapter] if parts is None else [p.name for p in parts]
-    return next((name for name in names if name not in service.registry), None)
+    return next((name for name in part_names(adapter) if name not in service.registry), None)
 
 
 def check_registered(service: Service, adapter: str | None) -> None:

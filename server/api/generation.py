@@ -7,7 +7,7 @@ from typing import ParamSpec, TypeVar
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from server.adapters.mixture_keys import parse_mixture_key
+from server.adapters.mixture_keys import part_names
 from server.adapters.registry import AdapterNotFound
 from server.api.adapter_fields import unregistered
 from server.api.errors import ApiError, ClientDisconnected
@@ -60,8 +60,7 @@ async def prepare_adapter(service: Service, adapter: str | None) -> None:
     answers 503 (StoreUnavailable)."""
     if adapter is None:
         return
-    parts = parse_mixture_key(adapter)
-    await run_in_threadpool(_prepare, service, [adapter] if parts is None else [p.name for p in parts])
+    await run_in_threadpool(_prepare, service, part_names(adapter))
 
 
 def _prepare(service: Service, names: list[str]) -> None:

@@ -8,7 +8,7 @@ malformed bodies) get no id and go to any replica; the replica's own validation 
 
 import json
 
-from server.adapters.mixture_keys import MixtureError, MixturePart, canonical_key, parse_mixture_key
+from server.adapters.mixture_keys import MixtureError, MixturePart, canonical_key, parse_mixture_key, part_names
 
 # The paths whose JSON body names what to generate with, and the field that names it.
 _ADAPTER_FIELD = {
@@ -51,10 +51,9 @@ def adapter_names(model_id: str | None, base_model_id: str) -> list[str]:
     if model_id is None or model_id == base_model_id:
         return []
     try:
-        parts = parse_mixture_key(model_id)
+        return part_names(model_id)
     except MixtureError:
         return []
-    return [model_id] if parts is None else [p.name for p in parts]
 
 
 def _mixture_object(value: dict[str, object]) -> str | None:
